@@ -1,0 +1,50 @@
+# moe_fairseq: install / test plumbing (GNU make).
+#
+#   make venv       create .venv and install everything (skipped when up to date)
+#   make test       run the test suite (PYTEST_ARGS="-k foo" to pass arguments)
+#   make bench      CPU micro-benchmark of the MoE layer
+#   make clean      remove build artefacts (keeps .venv)
+#   make distclean  clean + remove .venv
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.install-stamp
+PYTEST_ARGS ?=
+
+TORCH_REQ   := torch==2.13.0
+FAIRSEQ_REQ := ve-fairseq==0.12.3
+
+.DEFAULT_GOAL := venv
+.PHONY: venv test bench clean distclean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# fairseq (ve-fairseq = fairseq main, prebuilt wheels for py3.11/3.12) goes in
+# with --no-deps: its metadata drags torchaudio and a different, multi-GB
+# torch. Its real runtime dependencies are in requirements.txt / setup.py.
+$(STAMP): requirements.txt setup.py | $(PY)
+	$(PY) -m pip install $(TORCH_REQ)
+	$(PY) -m pip install --no-deps $(FAIRSEQ_REQ)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) scripts/bench_moe_layer.py --device cpu --dtype float32 \
+		--tokens 4096 --embed-dim 256 --ffn-dim 1024 --experts 8 --top-k 2
+
+clean:
+	rm -rf build dist .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
+		\( -name __pycache__ -type d -prune -exec rm -rf {} + \) -o \
+		\( -name '*.pyc' -type f -exec rm -f {} + \)
+
+distclean: clean
+	rm -rf $(VENV)

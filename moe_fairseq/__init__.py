@@ -1,0 +1,33 @@
+"""moe_fairseq: sparse Mixture-of-Experts for fairseq, loaded with ``--user-dir``.
+
+Importing the package registers the ``moe_transformer*`` architectures and the
+``moe_label_smoothed_cross_entropy`` criterion, makes fairseq checkpoints load on
+torch >= 2.6 through an allowlist (see ``checkpoint_compat``), and prints MoE
+configuration errors as one line.
+"""
+
+import sys
+
+from . import checkpoint_compat
+from .options import MoEConfigError
+
+checkpoint_compat.install()
+
+from . import criterions, models  # noqa: E402,F401  (registration side effects)
+
+
+def _one_line_config_errors(previous_hook):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, MoEConfigError):
+            print(f"moe_fairseq: error: {exc}", file=sys.stderr)
+            return
+        previous_hook(exc_type, exc, tb)
+
+    hook._moe_fairseq = True
+    return hook
+
+
+if not getattr(sys.excepthook, "_moe_fairseq", False):
+    sys.excepthook = _one_line_config_errors(sys.excepthook)
+
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""``moe_label_smoothed_cross_entropy``: label-smoothed CE plus the MoE routing losses.
+
+loss = CE_ls + sample_size * (gate_wt * sum_layers gate_loss + z_wt * sum_layers z_loss)
+
+A layer's gate loss is the sum of its router's losses other than ``z`` (the
+balance loss for the linear router; methods such as MoEC add terms of their own,
+each also logged as ``moe_<name>_loss``). The routing losses are batch means, so
+they are scaled by ``sample_size`` to keep their weight independent of how fairseq
+normalizes the summed CE.
+
+Logged (aggregated over MoE layers; all logging outputs can be summed):
+``moe_gate_loss``, ``moe_z_loss``, ``moe_<name>_loss`` (sums over layers, mean over
+batches), ``moe_overflow`` (dropped / requested token-expert assignments),
+``moe_load_cv`` (mean over layers of the coefficient of variation of expert
+load), ``moe_route_entropy`` (mean per-token routing entropy, nats).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+
+from fairseq import metrics, utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+
+from ..moe_layer import MoELayer, MoEStats
+from ..options import MoEConfigError
+
+
+@dataclass
+class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    moe_gate_loss_wt: float = field(
+        default=0.01,
+        metadata={"help": "weight of the gate (load-balancing) loss, summed over MoE layers"},
+    )
+    moe_router_z_loss_wt: float = field(
+        default=0.0,
+        metadata={"help": "weight of the router z-loss (ST-MoE), summed over MoE layers"},
+    )
+
+
+def moe_layer_stats(model) -> List[MoEStats]:
+    """Stats of every MoE layer's last forward, in module order."""
+    return [m.stats for m in model.modules() if isinstance(m, MoELayer) and m.stats is not None]
+
+
+@register_criterion("moe_label_smoothed_cross_entropy", dataclass=MoELabelSmoothedCrossEntropyConfig)
+class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
+                 report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        if moe_gate_loss_wt < 0:
+            raise MoEConfigError(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
+        if moe_router_z_loss_wt < 0:
+            raise MoEConfigError(f"--moe-router-z-loss-wt must be >= 0, got {moe_router_z_loss_wt}")
+        self.gate_loss_wt = moe_gate_loss_wt
+        self.z_loss_wt = moe_router_z_loss_wt
+
+    def forward(self, model, sample, reduce=True):
+        for m in model.modules():
+            if isinstance(m, MoELayer):
+                m.stats = None  # only this forward's layers count
+        net_output = model(**sample["net_input"])
+        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+
+        stats = moe_layer_stats(model)
+        moe_logs = self.moe_logging_output(stats)
+        if stats:
+            gate = sum(v for s in stats for k, v in s.losses.items() if k != "z")
+            z = sum(s.losses["z"] for s in stats if "z" in s.losses)
+            loss = loss + sample_size * (self.gate_loss_wt * gate + self.z_loss_wt * z)
+
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **moe_logs,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = utils.item(n_correct.data)
+            logging_output["total"] = utils.item(total.data)
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def moe_logging_output(stats: List[MoEStats]) -> Dict[str, float]:
+        """Summable per-batch MoE numbers; empty for a model without MoE layers."""
+        if not stats:
+            return {}
+        out: Dict[str, float] = {"moe_batches": 1, "moe_layers": len(stats)}
+        names = sorted({k for s in stats for k in s.losses})
+        gate = 0.0
+        for name in names:
+            value = sum(float(s.losses[name].detach()) for s in stats if name in s.losses)
+            out[f"moe_{name}_loss"] = value
+            if name != "z":
+                gate += value
+        out["moe_gate_loss"] = gate
+        out["moe_assignments"] = sum(int(s.assignments) for s in stats)
+        out["moe_dropped"] = sum(int(s.dropped) for s in stats)
+        out["moe_load_cv_sum"] = sum(float(s.load_cv) for s in stats)
+        out["moe_entropy_sum"] = sum(float(s.entropy_sum) for s in stats)
+        out["moe_entropy_count"] = sum(int(s.entropy_count) for s in stats)
+        return out
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+
+        def total(key):
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        batches = total("moe_batches")
+        if batches == 0:
+            return
+        loss_keys = sorted({k for log in logging_outputs for k in log
+                            if k.startswith("moe_") and k.endswith("_loss")})
+        for key in loss_keys:
+            metrics.log_scalar(key, total(key) / batches, batches, round=4)
+        assignments = total("moe_assignments")
+        if assignments > 0:
+            metrics.log_scalar("moe_overflow", total("moe_dropped") / assignments, assignments, round=4)
+        layer_batches = total("moe_layers")
+        metrics.log_scalar("moe_load_cv", total("moe_load_cv_sum") / max(layer_batches, 1),
+                           layer_batches, round=3)
+        count = total("moe_entropy_count")
+        if count > 0:
+            metrics.log_scalar("moe_route_entropy", total("moe_entropy_sum") / count, count, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

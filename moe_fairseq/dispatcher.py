@@ -1,0 +1,91 @@
+"""Sort-based token dispatch and gated combine.
+
+Instead of a one-hot ``[tokens, experts, capacity]`` dispatch tensor (GShard-style
+einsum), the token-to-expert assignments are sorted by expert, the rows of the
+kept assignments are gathered into one contiguous ``[N, d]`` block grouped by
+expert, and the expert outputs are scaled by their gates and scatter-added back.
+Memory and time are linear in the number of routed assignments.
+
+Drop order: assignment ``(slot j, token t)`` has priority ``j * T + t``, i.e. every
+token's first choice beats any second choice, and among equal slots the earlier
+token (row-major order of the layer's input) wins. An expert keeps its first
+``capacity`` assignments in that order; the rest are dropped and contribute
+nothing (the token's residual passes through the transformer layer).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .routers.base import Routing
+
+
+@dataclass
+class DispatchPlan:
+    """Where each dispatched row comes from and where it goes back.
+
+    N = kept assignments, E = experts.
+    """
+
+    token_index: Tensor  # [N] int64, source token of each row, rows grouped by expert
+    row_gates: Tensor  # [N] gate of each row (differentiable)
+    group_sizes: Tensor  # [E] int64, rows per expert after capacity
+    requested: Tensor  # [E] int64, assignments per expert before capacity
+    assignment_index: Tensor  # [N] int64, flat priority index j * T + t of each row
+    num_tokens: int
+    num_assignments: int  # assignments with an expert (before capacity)
+
+    @property
+    def num_dropped(self) -> int:
+        return self.num_assignments - int(self.token_index.numel())
+
+
+class SortDispatcher:
+    """Plans, gathers and combines for experts that all live in this process."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def plan(self, routing: Routing) -> DispatchPlan:
+        expert_index, gates, capacity = routing.expert_index, routing.gates, routing.capacity
+        num_tokens, k = expert_index.shape
+        E = self.num_experts
+        flat = expert_index.t().reshape(-1)  # priority order j * T + t
+        # Slots without an expert (-1) sort after every real expert and are cut.
+        key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
+        sorted_key, order = torch.sort(key, stable=True)
+        counts = torch.bincount(key, minlength=E + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
+        keep = sorted_key < E
+        requested = counts[:E]
+        if capacity is not None:
+            keep &= position < capacity
+            group_sizes = requested.clamp(max=capacity)
+        else:
+            group_sizes = requested
+        kept = order[keep]
+        token_index = kept % max(num_tokens, 1)
+        row_gates = gates.t().reshape(-1)[kept]
+        return DispatchPlan(
+            token_index=token_index,
+            row_gates=row_gates,
+            group_sizes=group_sizes,
+            requested=requested,
+            assignment_index=kept,
+            num_tokens=num_tokens,
+            num_assignments=int(requested.sum()),
+        )
+
+    def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        """x ``[T, d]`` -> rows ``[N, d]`` grouped by expert (``plan.group_sizes``)."""
+        return x.index_select(0, plan.token_index)
+
+    def combine(self, rows: Tensor, plan: DispatchPlan, out: Optional[Tensor] = None) -> Tensor:
+        """Expert outputs ``[N, d]`` -> ``[T, d]``: sum of gate * output per token."""
+        weighted = rows * plan.row_gates.to(rows.dtype).unsqueeze(1)
+        if out is None:
+            out = rows.new_zeros(plan.num_tokens, rows.size(1))
+        return out.index_add(0, plan.token_index, weighted)

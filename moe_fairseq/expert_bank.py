@@ -1,0 +1,120 @@
+"""A bank of E expert FFNs run as one grouped matrix product.
+
+Weights are stored stacked (``w1 [E, d, f]``, ``w2 [E, f, d]``) so that the rows
+of all experts, laid out contiguously by the dispatcher, go through each FFN
+matrix in a single ``torch._grouped_mm`` call where the device and dtype support
+it, and through a loop of per-expert ``addmm`` over contiguous slices elsewhere
+(CPU fp32 today), which wastes no FLOPs on padding.
+
+Every parameter carries ``param.expert = True`` so data-parallel gradient
+averaging can leave experts out when they are sharded across ranks.
+"""
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq import utils
+
+_GROUPED_MM_OK: Dict[Tuple[str, torch.dtype, int, int], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d: int, f: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward here, empty groups included.
+
+    Probed once per (device type, dtype, d, f) on a tiny problem: support depends on
+    the build, the GPU generation, the dtype and dimension alignment.
+    """
+    key = (device.type, dtype, d, f)
+    if key not in _GROUPED_MM_OK:
+        ok = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                x = torch.randn(8, d, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(3, d, f, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([3, 3, 8], device=device, dtype=torch.int32)
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.float().sum().backward()
+                ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]]).float()
+                tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+                ok = bool(torch.allclose(y.float(), ref, rtol=tol, atol=tol * d))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+class ExpertBank(nn.Module):
+    """E two-layer FFNs: ``y = W2_e act(W1_e x + b1_e) + b2_e``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        embed_dim: int,
+        ffn_dim: int,
+        activation_fn: str = "relu",
+        activation_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.embed_dim = embed_dim
+        self.ffn_dim = ffn_dim
+        self.activation_fn = utils.get_activation_fn(activation_fn)
+        self.activation_dropout = activation_dropout
+        self.w1 = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, embed_dim))
+        for p in self.parameters():
+            p.expert = True
+        self.reset_parameters()
+        # "auto" probes grouped_mm; "loop" forces the per-expert path (tests, benchmarks).
+        self.impl = "auto"
+
+    def reset_parameters(self):
+        # Each expert starts like fairseq's nn.Linear fc1/fc2: U(-1/sqrt(fan_in), +).
+        for w, b, fan_in in ((self.w1, self.b1, self.embed_dim), (self.w2, self.b2, self.ffn_dim)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def _act(self, h: Tensor) -> Tensor:
+        h = self.activation_fn(h)
+        if self.activation_dropout > 0:
+            h = F.dropout(h, p=self.activation_dropout, training=self.training)
+        return h
+
+    def use_grouped_mm(self, rows: Tensor) -> bool:
+        if self.impl == "loop":
+            return False
+        return grouped_mm_supported(rows.device, rows.dtype, self.embed_dim, self.ffn_dim)
+
+    def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
+        """rows ``[N, d]`` grouped by expert, group_sizes ``[E]`` (sum N) -> ``[N, d]``."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if rows.dtype != w1.dtype:
+            w1, b1, w2, b2 = (p.to(rows.dtype) for p in (w1, b1, w2, b2))
+        if self.use_grouped_mm(rows):
+            offs = torch.cumsum(group_sizes, 0).to(torch.int32)
+            n = rows.size(0)
+            h = torch._grouped_mm(rows, w1, offs=offs)
+            h = h + b1.repeat_interleave(group_sizes, dim=0, output_size=n)
+            h = self._act(h)
+            y = torch._grouped_mm(h, w2, offs=offs)
+            return y + b2.repeat_interleave(group_sizes, dim=0, output_size=n)
+        outs = []
+        for e, chunk in enumerate(torch.split(rows, group_sizes.tolist())):
+            if chunk.size(0) == 0:
+                continue
+            h = self._act(torch.addmm(b1[e], chunk, w1[e]))
+            outs.append(torch.addmm(b2[e], h, w2[e]))
+        if not outs:
+            # Keep every expert parameter in the graph so backward sees the same
+            # parameters on every step (and, later, on every rank).
+            return rows.new_zeros(0, self.embed_dim) + 0.0 * (
+                w1.sum() + b1.sum() + w2.sum() + b2.sum()
+            )
+        return torch.cat(outs, dim=0)

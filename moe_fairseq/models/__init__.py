@@ -1,0 +1,1 @@
+from . import moe_transformer  # noqa: F401

@@ -1,0 +1,102 @@
+"""Linear top-1 / top-2 router (Switch / GShard, as in fairseq's MoE branch)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Router, Routing, capacity_for
+from .losses import load_balance_loss, router_z_loss
+
+SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
+
+
+class TopKRouter(Router):
+    """``softmax(W x)`` over E experts, computed in fp32, top-k experts per token.
+
+    Second-expert policies (top-2, training only; inference always takes the
+    second-best expert deterministically):
+    - ``all``: always route to the second-best expert;
+    - ``sampling``: pick the second expert by argmax of logits + Gumbel noise
+      (GShard), so less likely experts also get trained;
+    - ``random``: keep the second-best expert only with probability
+      ``min(1, 2 * g2)`` (GShard's random routing).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: float = 1.0,
+        eval_capacity_token_fraction: float = 1.0,
+        second_expert_policy: str = "sampling",
+        normalize_gates: bool = False,
+        jitter_eps: float = 0.0,
+    ):
+        super().__init__()
+        if top_k not in (1, 2):
+            raise ValueError(f"--moe-top-k must be 1 or 2, got {top_k}")
+        if second_expert_policy not in SECOND_EXPERT_POLICIES:
+            raise ValueError(
+                f"--moe-second-expert-policy must be one of {SECOND_EXPERT_POLICIES}, "
+                f"got {second_expert_policy!r}"
+            )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_token_fraction = eval_capacity_token_fraction
+        self.second_expert_policy = second_expert_policy
+        self.normalize_gates = normalize_gates
+        self.jitter_eps = jitter_eps
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x ``[T, d]`` -> fp32 logits ``[T, E]``."""
+        x32 = x.float()
+        if self.training and self.jitter_eps > 0:
+            noise = torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            x32 = x32 * noise
+        return F.linear(x32, self.wg.weight.float())
+
+    def route(self, x: Tensor, pass_index: int = 0) -> Routing:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        first = probs.argmax(dim=-1)
+        index = [first]
+        gates = [probs.gather(1, first[:, None]).squeeze(1)]
+        if self.top_k == 2:
+            second, g2 = self._second_choice(logits, probs, first)
+            index.append(second)
+            gates.append(g2)
+        expert_index = torch.stack(index, dim=1)
+        gate = torch.stack(gates, dim=1)
+        if self.normalize_gates:
+            gate = gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
+        losses = {
+            "balance": load_balance_loss(probs, first, self.num_experts),
+            "z": router_z_loss(logits),
+        }
+        capacity = capacity_for(
+            x.size(0),
+            self.num_experts,
+            self.top_k,
+            self.training,
+            self.capacity_factor,
+            self.eval_capacity_token_fraction,
+        )
+        return Routing(expert_index, gate, capacity, losses, probs.detach())
+
+    def _second_choice(self, logits: Tensor, probs: Tensor, first: Tensor):
+        policy = self.second_expert_policy if self.training else "all"
+        scores = logits
+        if policy == "sampling":
+            u = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9)
+            scores = logits - torch.log(-torch.log(u))
+        scores = scores.scatter(1, first[:, None], float("-inf"))
+        second = scores.argmax(dim=-1)
+        g2 = probs.gather(1, second[:, None]).squeeze(1)
+        if policy == "random":
+            keep = (2.0 * g2.detach()) > torch.rand_like(g2)
+            second = torch.where(keep, second, torch.full_like(second, -1))
+            g2 = g2 * keep.to(g2.dtype)
+        return second, g2

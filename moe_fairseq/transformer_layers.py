@@ -1,0 +1,165 @@
+"""Transformer encoder and decoder layers whose FFN is an MoE block.
+
+They subclass fairseq's layers, so attention, layer norms and dropout (and
+their checkpoint names) are fairseq's own; the dense ``fc1``/``fc2`` are replaced by
+``self.moe``. The forwards are written out because fairseq's inline the dense FFN
+and do not hand the padding mask to it; the MoE block needs the mask so that
+padding takes no expert capacity and stays out of the routing losses.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayerBase,
+)
+
+from .moe_layer import build_moe_layer
+
+
+def _seq_major(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """fairseq's ``[batch, seq]`` padding mask -> ``[seq, batch]`` like the hidden states."""
+    return None if mask is None else mask.transpose(0, 1)
+
+
+class _MoEBlock:
+    """The FFN half of a layer: (pre-norm) -> MoE -> dropout -> residual (-> post-norm)."""
+
+    def _moe_block(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.moe(x, _seq_major(padding_mask))
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class MoETransformerEncoderLayer(_MoEBlock, TransformerEncoderLayerBase):
+    """Encoder layer: self-attention, then an MoE FFN block (post- or pre-norm)."""
+
+    def __init__(self, cfg, moe_options):
+        super().__init__(cfg)
+        del self.fc1, self.fc2
+        self.moe = build_moe_layer(
+            moe_options,
+            self.embed_dim,
+            cfg.encoder.ffn_embed_dim,
+            cfg.activation_fn,
+            float(self.activation_dropout_module.p),
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        encoder_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor] = None,
+    ):
+        """x ``[seq, batch, d]``, encoder_padding_mask ``[batch, seq]`` -> ``[seq, batch, d]``."""
+        if attn_mask is not None:
+            # Large negative rather than -inf: a fully masked row would give NaN.
+            attn_mask = attn_mask.masked_fill(
+                attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4
+            )
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x, _ = self.self_attn(
+            query=x, key=x, value=x,
+            key_padding_mask=encoder_padding_mask,
+            need_weights=False,
+            attn_mask=attn_mask,
+        )
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        return self._moe_block(x, encoder_padding_mask)
+
+
+class MoETransformerDecoderLayer(_MoEBlock, TransformerDecoderLayerBase):
+    """Decoder layer: self-attention, cross-attention, then an MoE FFN block.
+
+    Incremental decoding works unchanged: each step routes the new position's
+    tokens; the MoE block keeps no state between steps.
+    """
+
+    def __init__(self, cfg, moe_options, no_encoder_attn: bool = False):
+        super().__init__(cfg, no_encoder_attn)
+        del self.fc1, self.fc2
+        self.moe = build_moe_layer(
+            moe_options,
+            self.embed_dim,
+            cfg.decoder.ffn_embed_dim,
+            cfg.activation_fn,
+            float(self.activation_dropout_module.p),
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        prev_self_attn_state: Optional[List[Tensor]] = None,
+        prev_attn_state: Optional[List[Tensor]] = None,
+        self_attn_mask: Optional[Tensor] = None,
+        self_attn_padding_mask: Optional[Tensor] = None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ):
+        """x ``[tgt_len, batch, d]`` -> (x, cross-attention weights or None, None)."""
+        if need_head_weights:
+            need_attn = True
+
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        if prev_self_attn_state is not None:
+            self.self_attn._set_input_buffer(
+                incremental_state, _as_saved_state(prev_self_attn_state)
+            )
+        x, _ = self.self_attn(
+            query=x, key=x, value=x,
+            key_padding_mask=self_attn_padding_mask,
+            incremental_state=incremental_state,
+            need_weights=False,
+            attn_mask=self_attn_mask,
+        )
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+
+        attn = None
+        if self.encoder_attn is not None and encoder_out is not None:
+            residual = x
+            if self.normalize_before:
+                x = self.encoder_attn_layer_norm(x)
+            if prev_attn_state is not None:
+                self.encoder_attn._set_input_buffer(
+                    incremental_state, _as_saved_state(prev_attn_state)
+                )
+            x, attn = self.encoder_attn(
+                query=x, key=encoder_out, value=encoder_out,
+                key_padding_mask=encoder_padding_mask,
+                incremental_state=incremental_state,
+                static_kv=True,
+                need_weights=need_attn or (not self.training and self.need_attn),
+                need_head_weights=need_head_weights,
+            )
+            x = self.residual_connection(self.dropout_module(x), residual)
+            if not self.normalize_before:
+                x = self.encoder_attn_layer_norm(x)
+
+        x = self._moe_block(x, self_attn_padding_mask)
+        return x, attn, None
+
+
+def _as_saved_state(state: List[Tensor]) -> Dict[str, Optional[Tensor]]:
+    saved: Dict[str, Optional[Tensor]] = {"prev_key": state[0], "prev_value": state[1]}
+    if len(state) >= 3:
+        saved["prev_key_padding_mask"] = state[2]
+    return saved
