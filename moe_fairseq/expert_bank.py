@@ -106,11 +106,15 @@ class ExpertBank(nn.Module):
             y = torch._grouped_mm(h, w2, offs=offs)
             return y + b2.repeat_interleave(group_sizes, dim=0, output_size=n)
         outs = []
-        for e, chunk in enumerate(torch.split(rows, group_sizes.tolist())):
+        # unbind once: indexing w1[e] per expert would make backward write a full
+        # [E, d, f] zero tensor per expert.
+        per_expert = zip(torch.split(rows, group_sizes.tolist()), w1.unbind(0), b1.unbind(0),
+                         w2.unbind(0), b2.unbind(0))
+        for chunk, w1e, b1e, w2e, b2e in per_expert:
             if chunk.size(0) == 0:
                 continue
-            h = self._act(torch.addmm(b1[e], chunk, w1[e]))
-            outs.append(torch.addmm(b2[e], h, w2[e]))
+            h = self._act(torch.addmm(b1e, chunk, w1e))
+            outs.append(torch.addmm(b2e, h, w2e))
         if not outs:
             # Keep every expert parameter in the graph so backward sees the same
             # parameters on every step (and, later, on every rank).

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .dispatcher import SortDispatcher
+from .dispatcher import SortDispatcher, gather_rows, scatter_rows
 from .expert_bank import ExpertBank
 from .routers import Router, build_router
 from .routers.base import entropy_of
@@ -91,13 +91,10 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if padding_mask is not None:
             token_pos = (~padding_mask.reshape(-1).to(torch.bool)).nonzero().squeeze(1)
-            tokens = flat.index_select(0, token_pos)
+            out = self._route_and_compute(gather_rows(flat, token_pos))
+            out = scatter_rows(out, token_pos, flat.size(0))
         else:
-            token_pos = None
-            tokens = flat
-        out = self._route_and_compute(tokens)
-        if token_pos is not None:
-            out = flat.new_zeros(flat.shape).index_copy(0, token_pos, out)
+            out = self._route_and_compute(flat)
         return out.reshape(shape)
 
     def _route_and_compute(self, tokens: Tensor) -> Tensor:
@@ -114,7 +111,7 @@ class MoELayer(nn.Module):
             entropy_count=zero.clone(),
             expert_passes=zero.clone(),
         )
-        total = tokens.new_zeros(tokens.shape)
+        total: Optional[Tensor] = None
         active_pos = None  # rows of `tokens` still routed; None = all
         h = tokens
         losses: Dict[str, list] = {}
@@ -123,7 +120,7 @@ class MoELayer(nn.Module):
             plan = self.dispatcher.plan(routing)
             rows = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, plan.group_sizes)
-            y = self.dispatcher.combine(rows, plan)
+            y = self.dispatcher.combine(rows, plan)  # [T_active, d]
 
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
@@ -135,15 +132,13 @@ class MoELayer(nn.Module):
                 stats.entropy_sum += entropy_of(routing.probs) * routing.probs.size(0)
                 stats.entropy_count += routing.probs.size(0)
 
-            if active_pos is None:
-                total = total + y
-            else:
-                total = total.index_add(0, active_pos, y)
+            y_all = y if active_pos is None else scatter_rows(y, active_pos, tokens.size(0))
+            total = y_all if total is None else total + y_all
             if routing.continue_mask is None:
                 break
             # Multi-pass routers: survivors continue from their running sum.
             keep = routing.continue_mask.nonzero().squeeze(1)
-            h = (h + y).index_select(0, keep)
+            h = gather_rows(h + y, keep)
             active_pos = keep if active_pos is None else active_pos.index_select(0, keep)
 
         stats.losses = {name: torch.stack(v).mean() for name, v in losses.items()}
