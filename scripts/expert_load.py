@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Expert load of every MoE layer of a checkpoint on a data split.
+
+Runs the model teacher-forced (eval mode, as in inference) over a split of the data
+it was trained on and prints, per MoE layer, the share of token-expert assignments
+each expert received, its coefficient of variation and how many experts get less
+than 10% of their fair share. ``--json`` also writes the counts.
+
+    python scripts/expert_load.py --path checkpoints/moe/checkpoint_best.pt \
+        --data data-bin/corpus --split valid [--json load.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", required=True, help="checkpoint (.pt) written by fairseq-train")
+    p.add_argument("--data", help="data-bin folder (default: the one saved in the checkpoint)")
+    p.add_argument("--split", default="valid", help="data split to run (default: valid)")
+    p.add_argument("--max-tokens", type=int, default=4000)
+    p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all)")
+    p.add_argument("--user-dir", default=None, help="plugin folder (default: this repository's moe_fairseq)")
+    p.add_argument("--json", default=None, help="also write the per-layer counts here")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    return p.parse_args(argv)
+
+
+def collect_expert_load(models, task, split, max_tokens, max_batches, device):
+    """Returns ``[(layer name, counts [E] list)]`` summed over the split."""
+    from fairseq import utils
+
+    from moe_fairseq.moe_layer import MoELayer
+
+    model = models[0]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise SystemExit(f"error: --path {model.__class__.__name__} has no MoE layer")
+    for _, m in layers:
+        m.reset_expert_load()
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(split),
+        max_tokens=max_tokens,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=True,
+    ).next_epoch_itr(shuffle=False)
+    with torch.no_grad():
+        for i, sample in enumerate(itr):
+            if max_batches and i >= max_batches:
+                break
+            sample = utils.move_to_cuda(sample) if device == "cuda" else sample
+            model(**sample["net_input"])
+    return [(name, m.expert_load_total.tolist()) for name, m in layers]
+
+
+def describe(counts):
+    t = torch.tensor(counts, dtype=torch.float64)
+    total = t.sum().item()
+    share = (t / total).tolist() if total > 0 else [0.0] * len(counts)
+    mean = t.mean().item()
+    cv = (t.std(unbiased=False) / mean).item() if mean > 0 else 0.0
+    starved = int((t < 0.1 * mean).sum().item()) if mean > 0 else len(counts)
+    return share, cv, starved
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from fairseq import checkpoint_utils, utils
+
+    user_dir = args.user_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_fairseq")
+    utils.import_user_module(argparse.Namespace(user_dir=user_dir))
+    overrides = {"data": args.data} if args.data else {}
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    for m in models:
+        m.eval()
+        if device == "cuda":
+            m.cuda()
+    result = collect_expert_load(models, task, args.split, args.max_tokens, args.max_batches, device)
+    print(f"expert load on '{args.split}' ({args.path})")
+    print(f"{'layer':<28} {'CV':>6} {'<10% fair':>9}  share of assignments per expert (%)")
+    for name, counts in result:
+        share, cv, starved = describe(counts)
+        cells = " ".join(f"{100 * s:5.1f}" for s in share)
+        print(f"{name.replace('.moe', ''):<28} {cv:6.3f} {starved:>9}  {cells}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({name: counts for name, counts in result}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
