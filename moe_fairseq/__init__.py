@@ -2,16 +2,18 @@
 
 Importing the package registers the ``moe_transformer*`` architectures and the
 ``moe_label_smoothed_cross_entropy`` criterion, makes fairseq checkpoints load on
-torch >= 2.6 through an allowlist (see ``checkpoint_compat``), and prints MoE
+torch >= 2.6 through an allowlist (see ``checkpoint_compat``), keeps fairseq from
+dropping the last batch of an epoch (see ``batching_fix``), and prints MoE
 configuration errors as one line.
 """
 
 import sys
 
-from . import checkpoint_compat
+from . import batching_fix, checkpoint_compat
 from .options import MoEConfigError
 
 checkpoint_compat.install()
+batching_fix.install()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)
 
