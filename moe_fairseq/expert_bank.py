@@ -88,7 +88,9 @@ class ExpertBank(nn.Module):
         return h
 
     def use_grouped_mm(self, rows: Tensor) -> bool:
-        if self.impl == "loop":
+        # No rows: the loop path keeps every parameter in the graph, and CPU
+        # _grouped_mm's backward rejects an empty output.
+        if self.impl == "loop" or rows.size(0) == 0:
             return False
         return grouped_mm_supported(rows.device, rows.dtype, self.embed_dim, self.ffn_dim)
 
