@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train one method on a benchmark built by prepare.sh.
+#
+#   examples/bible/train.sh METHOD SIZE DATA SAVE_DIR [extra fairseq-train flags ...]
+#
+#   METHOD  dense | moe
+#   SIZE    tiny (CPU: 2+2 layers, d=64, 4 experts) | base (one GPU: transformer-base, 8 experts)
+#   DATA    output folder of prepare.sh (holds bin/ and manifest.json)
+#
+# The multilingual setup follows the SMoE authors' recipe: translation_multi_simple_epoch
+# with --encoder-langtok tgt --decoder-langtok, temperature sampling over directions,
+# MoE in every other FFN (--moe-freq 2) and gate-loss weight 0.01. Extra flags override
+# the defaults below (e.g. --max-update 2000 --lr 1e-3). Re-running with the same SAVE_DIR
+# resumes from checkpoint_last.pt.
+set -euo pipefail
+
+if [ $# -lt 4 ]; then
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+method=$1 size=$2 data=$3 save_dir=$4
+shift 4
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+python=${PYTHON:-python}
+
+if [ ! -f "$data/manifest.json" ] || [ ! -d "$data/bin" ]; then
+  echo "train.sh: error: DATA '$data' has no manifest.json and bin/ (run examples/bible/prepare.sh first)" >&2
+  exit 2
+fi
+lang_pairs=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["lang_pairs"])' "$data/manifest.json")
+
+case "$size" in
+  tiny)
+    dims=(--encoder-embed-dim 64 --encoder-ffn-embed-dim 128 --encoder-layers 2 --encoder-attention-heads 4
+          --decoder-embed-dim 64 --decoder-ffn-embed-dim 128 --decoder-layers 2 --decoder-attention-heads 4)
+    size_flags=(--cpu --max-tokens 4096 --lr 2e-3 --warmup-updates 200 --max-update 600
+                --dropout 0.1 --num-workers 0)
+    experts=4 ;;
+  base)
+    dims=(--encoder-embed-dim 512 --encoder-ffn-embed-dim 2048 --encoder-layers 6 --encoder-attention-heads 8
+          --decoder-embed-dim 512 --decoder-ffn-embed-dim 2048 --decoder-layers 6 --decoder-attention-heads 8)
+    size_flags=(--fp16 --max-tokens 8192 --lr 7e-4 --warmup-updates 4000 --max-update 50000
+                --dropout 0.1 --num-workers 2)
+    experts=8 ;;
+  *) echo "train.sh: error: SIZE must be tiny or base, got '$size'" >&2; exit 2 ;;
+esac
+
+case "$method" in
+  dense) arch=(--arch transformer) ;;
+  moe)   arch=(--arch moe_transformer --moe-expert-count "$experts" --moe-freq 2 --moe-top-k 2
+               --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0) ;;
+  *) echo "train.sh: error: METHOD must be dense or moe, got '$method'" >&2; exit 2 ;;
+esac
+
+mkdir -p "$save_dir"
+exec "$python" -m fairseq_cli.train "$data/bin" \
+  --user-dir "$repo/moe_fairseq" \
+  --task translation_multi_simple_epoch --lang-pairs "$lang_pairs" --lang-dict "$data/bin/langs.txt" \
+  --encoder-langtok tgt --decoder-langtok \
+  --sampling-method temperature --sampling-temperature 5 \
+  "${arch[@]}" "${dims[@]}" --share-all-embeddings \
+  --criterion moe_label_smoothed_cross_entropy --label-smoothing 0.1 --moe-gate-loss-wt 0.01 \
+  --optimizer adam --adam-betas '(0.9, 0.98)' --lr-scheduler inverse_sqrt --clip-norm 1.0 \
+  --attention-dropout 0.1 --weight-decay 0.0001 \
+  --seed 1 --log-format simple --log-interval 50 \
+  --save-dir "$save_dir" --no-epoch-checkpoints --tensorboard-logdir "$save_dir/tb" \
+  "${size_flags[@]}" "$@"

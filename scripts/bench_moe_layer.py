@@ -1,0 +1,320 @@
+#!/usr/bin/env python
+"""Micro-benchmark: MoE layer forward+backward vs. a dense FFN of equal active FLOPs.
+
+What is compared (same tokens, same dtype, same device, one process):
+
+- **MoE**: ``MoELayer(TopKRouter, ExpertBank)`` with ``E`` experts of FFN dim ``f``,
+  top-``k`` routing, in *training mode* (so capacity applies), second-expert
+  policy ``all`` by default (deterministic: every token visits its 2 best
+  experts; ``--second-expert-policy sampling`` adds the Gumbel noise of fairseq's
+  default). The timed step is ``layer(x)`` followed by ``backward`` of
+  ``sum(out * g) + 0.01 * balance_loss + 0.001 * z_loss`` (``g`` a fixed random
+  upstream gradient), i.e. what one transformer-layer FFN costs in training,
+  router and routing losses included.
+- **Dense**: ``Linear(d, k*f) -> relu -> Linear(k*f, d)`` on the same input, same
+  upstream gradient. Its FLOPs equal the MoE's expert FLOPs *when no assignment
+  is dropped*.
+
+Inputs are ``N(0, 1)`` tokens ``[T, d]`` with ``requires_grad=True`` (as inside a
+transformer). The router weight is ``N(0, 1/d)`` so logits are ``~N(0, 1)``:
+routing is spread over all experts but not uniform.
+
+Capacity: training capacity is ``ceil(capacity_factor * k * T / E)`` per expert
+(default factor 1.25, the usual GShard/fairseq value). Assignments past
+capacity are dropped, so the MoE may do *fewer* expert FLOPs than the dense
+reference; the overflow (dropped / requested assignments) is printed next to the
+timings. ``--capacity-factor 0`` means "no drops" (factor ``E / k``, capacity =
+``T``), which gives an exact FLOP match.
+
+Timing: ``--warmup`` untimed MoE+dense steps, then ``--repeats`` timed steps of
+each, **interleaved** (MoE, dense, dense, MoE, MoE, dense, ...: the order
+alternates every repetition) so that load from other processes on a shared
+machine hits both sides alike; the medians are reported. On CUDA each step is
+bracketed by ``torch.cuda.synchronize()`` and timed with CUDA events. Parameter
+gradients are reset to ``None`` outside the timed region.
+
+Phase breakdown: a separate, instrumented MoE forward that calls the library's
+pieces directly (``router``, ``dispatcher.plan``, ``dispatcher.dispatch``,
+``experts``, ``dispatcher.combine``) with a device sync between pieces, then one
+backward; medians over ``--repeats`` such passes. It is not part of the ratio.
+``--profile`` additionally prints a ``torch.profiler`` op table of a few MoE steps.
+
+Shared machines: on a CPU with other busy processes, the MoE step (hundreds of
+small OpenMP-parallel ops: 8 experts x (addmm, relu, addmm) forward and their
+backward) suffers far more than the dense step (a dozen large GEMMs), because
+OpenMP worker threads spin-wait at every parallel region and lose their core
+to the other processes. Interleaving does not cancel that asymmetry: on a
+loaded 2-core machine the ratio can read 1.7-2.5x instead of ~0.95. The header
+prints the 1-minute load average (this run included) and a warning when it
+exceeds the core count; compare under load with ``--threads 1`` or with
+``OMP_WAIT_POLICY=PASSIVE`` in the environment (read when torch loads, so it
+must be set outside the script), both of which keep the ratio close to its
+quiet-machine value.
+
+The last line of output is exactly ``ratio_vs_dense=R`` (MoE median / dense
+median, 3 decimals).
+
+Example::
+
+    python scripts/bench_moe_layer.py --device cpu --dtype float32 \\
+        --tokens 4096 --embed-dim 256 --ffn-dim 1024 --experts 8 --top-k 2
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe_fairseq.moe_layer import MoELayer  # noqa: E402
+from moe_fairseq.expert_bank import ExpertBank  # noqa: E402
+from moe_fairseq.routers.top_k import TopKRouter  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BALANCE_WT, Z_WT = 0.01, 0.001
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--ffn-dim", type=int, default=1024, help="per-expert FFN dim f")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2, choices=(1, 2))
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.25,
+        help="training capacity factor (0 = no drops: factor E/k)",
+    )
+    p.add_argument(
+        "--second-expert-policy", default="all", choices=("all", "sampling", "random")
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--impl", default="auto", choices=("auto", "loop"), help="ExpertBank path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table")
+    p.add_argument("--no-phases", action="store_true", help="skip the instrumented phase pass")
+    return p.parse_args(argv)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def build(args, device, dtype):
+    d, f, E, k = args.embed_dim, args.ffn_dim, args.experts, args.top_k
+    cf = args.capacity_factor if args.capacity_factor > 0 else E / k
+    router = TopKRouter(d, E, top_k=k, capacity_factor=cf, second_expert_policy=args.second_expert_policy)
+    nn.init.normal_(router.wg.weight, std=d**-0.5)
+    experts = ExpertBank(E, d, f, activation_fn="relu")
+    experts.impl = args.impl
+    moe = MoELayer(router, experts).to(device=device, dtype=dtype).train()
+    dense = DenseFFN(d, k * f).to(device=device, dtype=dtype).train()
+    return moe, dense, cf
+
+
+class Timer:
+    """Wall time on CPU, CUDA events (bracketed by synchronize) on GPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        """Run ``fn()`` once, return milliseconds."""
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def zero_grads(*modules):
+    for m in modules:
+        for p in m.parameters():
+            p.grad = None
+
+
+def moe_step(moe, x, g):
+    out = moe(x)
+    losses = moe.stats.losses
+    loss = (out * g).sum() + BALANCE_WT * losses["balance"] + Z_WT * losses["z"]
+    loss.backward()
+
+
+def dense_step(dense, x, g):
+    out = dense(x)
+    (out * g).sum().backward()
+
+
+def phase_pass(moe, x, g, timer):
+    """One instrumented MoE forward (library pieces called directly) + backward -> ms per phase."""
+    t = {}
+    router, disp, experts = moe.router, moe.dispatcher, moe.experts
+    res = {}
+
+    def run(name, fn):
+        t[name] = timer(lambda: res.__setitem__(name, fn()))
+        return res[name]
+
+    routing = run("router", lambda: router(x, 0))
+    plan = run("plan", lambda: disp.plan(routing))
+    rows = run("gather", lambda: disp.dispatch(x, plan))
+    rows = run("experts", lambda: experts(rows, plan.group_sizes))
+    y = run("combine", lambda: disp.combine(rows, plan))
+    # The layer forward also does stats bookkeeping; its difference to the sum of
+    # these pieces is reported as "other".
+    loss_fn = lambda: (  # noqa: E731
+        (y * g).sum() + BALANCE_WT * routing.losses["balance"] + Z_WT * routing.losses["z"]
+    ).backward()
+    t["backward"] = timer(loss_fn)
+    x.grad = None
+    zero_grads(moe)
+    return t
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+
+    moe, dense, cf = build(args, device, dtype)
+    T, d, E, k = args.tokens, args.embed_dim, args.experts, args.top_k
+    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, d, device=device, dtype=dtype)
+    timer = Timer(device)
+    path = "grouped_mm" if moe.experts.use_grouped_mm(x) else "loop"  # probes once, untimed
+
+    def run_moe():
+        moe_step(moe, x, g)
+
+    def run_dense():
+        dense_step(dense, x, g)
+
+    def reset():
+        x.grad = None
+        zero_grads(moe, dense)
+
+    for _ in range(args.warmup):
+        run_moe()
+        reset()
+        run_dense()
+        reset()
+    timer.sync()
+
+    moe_ms, dense_ms = [], []
+    for i in range(args.repeats):
+        order = ((moe_ms, run_moe), (dense_ms, run_dense))
+        for bucket, fn in order if i % 2 == 0 else order[::-1]:
+            bucket.append(timer(fn))
+            reset()
+
+    # Routing statistics of the (deterministic unless policy != all) routing.
+    with torch.no_grad():
+        moe(x)
+    st = moe.stats
+    requested, dropped = int(st.assignments), int(st.dropped)
+    load = st.expert_load.tolist()
+    routing = moe.router(x.detach(), 0)
+
+    phases = {}
+    if not args.no_phases:
+        for _ in range(args.warmup):
+            phase_pass(moe, x, g, timer)
+        samples = [phase_pass(moe, x, g, timer) for _ in range(args.repeats)]
+        fwd_grad, fwd_nograd = [], []
+        for _ in range(args.repeats):
+            fwd_grad.append(timer(lambda: moe(x)))
+            with torch.no_grad():
+                fwd_nograd.append(timer(lambda: moe(x)))
+        phases = {name: statistics.median(s[name] for s in samples) for name in samples[0]}
+        phases["layer fwd (grad on)"] = statistics.median(fwd_grad)
+        phases["layer fwd (no_grad)"] = statistics.median(fwd_nograd)
+
+    moe_med, dense_med = statistics.median(moe_ms), statistics.median(dense_ms)
+    ratio = moe_med / dense_med
+
+    def spread(v):
+        return f"min {min(v):8.2f}  max {max(v):8.2f}"
+
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cores = os.cpu_count() or 1
+    print(f"device={device.type} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    if device.type == "cpu":
+        print(f"loadavg_1m={load1:.2f} cores={cores}")
+        if load1 > cores:
+            print("WARNING: CPU busy with other processes; the MoE/dense ratio is inflated "
+                  "with threads > 1 (see the docstring: --threads 1 or OMP_WAIT_POLICY=PASSIVE)")
+    print(f"tokens={T} embed_dim={d} ffn_dim={args.ffn_dim} experts={E} top_k={k} "
+          f"dense_hidden={k * args.ffn_dim}")
+    print(f"policy={args.second_expert_policy} capacity_factor={cf:g} capacity={routing.capacity} "
+          f"expert_bank_path={path} (impl={args.impl})")
+    print(f"assignments={requested} dropped={dropped} overflow_fraction={dropped / max(requested, 1):.4f} "
+          f"kept_rows={requested - dropped} (dense-equivalent rows={T * k})")
+    print(f"expert_load={load}")
+    print(f"repeats={args.repeats} warmup={args.warmup} (MoE/dense interleaved, order alternating)")
+    print()
+    print(f"{'fwd+bwd':<22}{'median ms':>10}    spread")
+    print(f"{'MoE':<22}{moe_med:>10.2f}    {spread(moe_ms)}")
+    print(f"{'dense':<22}{dense_med:>10.2f}    {spread(dense_ms)}")
+    if phases:
+        print()
+        print("MoE phases (instrumented pass, synced between pieces, medians)")
+        fwd_sum = sum(phases[n] for n in ("router", "plan", "gather", "experts", "combine"))
+        for name in ("router", "plan", "gather", "experts", "combine"):
+            print(f"  {name:<20}{phases[name]:>10.2f}  ({100 * phases[name] / fwd_sum:4.1f}% of fwd pieces)")
+        print(f"  {'sum of fwd pieces':<20}{fwd_sum:>10.2f}")
+        print(f"  {'layer fwd (grad on)':<20}{phases['layer fwd (grad on)']:>10.2f}"
+              f"  (other = {phases['layer fwd (grad on)'] - fwd_sum:+.2f}: stats bookkeeping)")
+        print(f"  {'layer fwd (no_grad)':<20}{phases['layer fwd (no_grad)']:>10.2f}")
+        print(f"  {'backward':<20}{phases['backward']:>10.2f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                run_moe()
+                reset()
+            timer.sync()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print()
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+    print()
+    print(f"ratio_vs_dense={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
