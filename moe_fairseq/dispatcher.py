@@ -16,6 +16,7 @@ nothing (the token's residual passes through the transformer layer).
 """
 
 from dataclasses import dataclass
+from typing import Tuple
 import torch
 from torch import Tensor
 
@@ -90,6 +91,7 @@ class SortDispatcher:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        self.num_local_experts = num_experts
 
     def plan(self, routing: Routing) -> DispatchPlan:
         expert_index, gates, capacity = routing.expert_index, routing.gates, routing.capacity
@@ -122,9 +124,14 @@ class SortDispatcher:
             num_slots=k,
         )
 
-    def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
-        """x ``[T, d]`` -> rows ``[N, d]`` grouped by expert (``plan.group_sizes``)."""
-        return gather_rows(x, plan.assignment_index, plan.num_slots)
+    def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tuple[Tensor, Tensor]:
+        """x ``[T, d]`` -> (rows ``[N, d]`` grouped by expert, rows per local expert ``[E]``).
+
+        The second value is what the expert bank needs: for this dispatcher all
+        experts are local, so it is ``plan.group_sizes``; an expert-parallel
+        dispatcher returns the rows it received for its own experts instead.
+        """
+        return gather_rows(x, plan.assignment_index, plan.num_slots), plan.group_sizes
 
     def combine(self, rows: Tensor, plan: DispatchPlan) -> Tensor:
         """Expert outputs ``[N, d]`` -> ``[T, d]``: sum of gate * output per token."""

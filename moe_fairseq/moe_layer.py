@@ -55,28 +55,37 @@ class MoELayer(nn.Module):
 
     Args:
         router: any :class:`Router`.
-        experts: the :class:`ExpertBank` holding all ``router.num_experts`` experts.
+        experts: the :class:`ExpertBank` of the experts this process runs (all
+            ``router.num_experts`` of them unless the dispatcher shards experts).
+        dispatcher: default :class:`SortDispatcher` (every expert local).
     """
 
     def __init__(self, router: Router, experts: ExpertBank, dispatcher=None):
         super().__init__()
-        if experts.num_experts != router.num_experts:
+        dispatcher = dispatcher or SortDispatcher(router.num_experts)
+        if dispatcher.num_experts != router.num_experts:
             raise ValueError(
-                f"router has {router.num_experts} experts, expert bank {experts.num_experts}"
+                f"router has {router.num_experts} experts, dispatcher {dispatcher.num_experts}"
+            )
+        if dispatcher.num_local_experts != experts.num_experts:
+            raise ValueError(
+                f"dispatcher sends to {dispatcher.num_local_experts} local experts, "
+                f"expert bank has {experts.num_experts}"
             )
         self.router = router
         self.experts = experts
-        self.dispatcher = dispatcher or SortDispatcher(experts.num_experts)
+        self.dispatcher = dispatcher
         self.stats: Optional[MoEStats] = None
         # Running count of assignments per expert, for analysis tools
         # (reset with reset_expert_load); not saved in checkpoints.
         self.register_buffer(
-            "expert_load_total", torch.zeros(experts.num_experts, dtype=torch.long), persistent=False
+            "expert_load_total", torch.zeros(router.num_experts, dtype=torch.long), persistent=False
         )
 
     @property
     def num_experts(self) -> int:
-        return self.experts.num_experts
+        """Experts the router chooses from (all ranks together)."""
+        return self.router.num_experts
 
     def reset_expert_load(self) -> None:
         self.expert_load_total.zero_()
@@ -118,8 +127,8 @@ class MoELayer(nn.Module):
         for pass_index in range(self.router.num_passes):
             routing = self.router(h, pass_index)
             plan = self.dispatcher.plan(routing)
-            rows = self.dispatcher.dispatch(h, plan)
-            rows = self.experts(rows, plan.group_sizes)
+            rows, local_sizes = self.dispatcher.dispatch(h, plan)
+            rows = self.experts(rows, local_sizes)
             y = self.dispatcher.combine(rows, plan)  # [T_active, d]
 
             for name, value in routing.losses.items():

@@ -185,8 +185,8 @@ def phase_pass(moe, x, g, timer):
 
     routing = run("router", lambda: router(x, 0))
     plan = run("plan", lambda: disp.plan(routing))
-    rows = run("gather", lambda: disp.dispatch(x, plan))
-    rows = run("experts", lambda: experts(rows, plan.group_sizes))
+    rows, local_sizes = run("gather", lambda: disp.dispatch(x, plan))
+    rows = run("experts", lambda: experts(rows, local_sizes))
     y = run("combine", lambda: disp.combine(rows, plan))
     # The layer forward also does stats bookkeeping; its difference to the sum of
     # these pieces is reported as "other".
