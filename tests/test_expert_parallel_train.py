@@ -11,6 +11,7 @@ Resumes happen at epoch boundaries: mid-epoch, fairseq's iterator position is
 counted in per-rank batches and cannot carry over to another world size.
 """
 
+import re
 import subprocess
 import sys
 
@@ -24,13 +25,15 @@ EXACT = [
     "--dropout", "0", "--attention-dropout", "0",
     "--moe-second-expert-policy", "all",
     "--moe-capacity-factor", "1.0",  # some drops: capacity is per rank/micro-batch
-    "--lr-scheduler", "fixed", "--ddp-backend", "legacy_ddp",
+    "--lr-scheduler", "fixed",
 ]
 
 
-def train(data, save_dir, world: int, tmp_path, *extra, tag: str):
-    """Run fairseq-train on ``world`` processes (1 = plain run); returns rank 0's log."""
-    base = [str(a) for a in train_args(data, save_dir, *EXACT, *extra, max_update=1000)]
+def train(data, save_dir, world: int, tmp_path, *extra, tag: str, ddp="legacy_ddp", check=True):
+    """Run fairseq-train on ``world`` processes (1 = plain run); returns rank 0's log
+    (or, with ``check=False``, every rank's (exit code, log))."""
+    base = [str(a) for a in train_args(data, save_dir, *EXACT, "--ddp-backend", ddp, *extra,
+                                       max_update=1000)]
     if world == 1:
         proc = run_cli("train", base)
         return proc.stdout + proc.stderr
@@ -53,6 +56,8 @@ def train(data, save_dir, world: int, tmp_path, *extra, tag: str):
                 q.kill()
             pytest.fail(f"{world}-process training hung ({tag})")
         outs.append(out)
+    if not check:
+        return [(p.returncode, out) for p, out in zip(procs, outs)]
     failed = [(rank, out) for rank, (p, out) in enumerate(zip(procs, outs)) if p.returncode]
     if failed:
         # A rank that crashed first explains it; its peers only saw the connection drop.
@@ -85,10 +90,11 @@ def assert_same_params(a, b, atol=1e-5):
         torch.testing.assert_close(ma[k].float(), mb[k].float(), atol=tol, rtol=0, msg=k)
 
 
-def test_two_ranks_equal_one_rank_with_union_batches(data_bin, tmp_path):
+@pytest.mark.parametrize("ddp", ["legacy_ddp", "c10d"])
+def test_two_ranks_equal_one_rank_with_union_batches(data_bin, tmp_path, ddp):
     one, two = tmp_path / "one", tmp_path / "two"
     train(data_bin, one, 1, tmp_path, "--max-epoch", "1", "--update-freq", "2", tag="one")
-    log = train(data_bin, two, 2, tmp_path, "--max-epoch", "1", tag="two")
+    log = train(data_bin, two, 2, tmp_path, "--max-epoch", "1", tag="two", ddp=ddp)
     assert "experts sharded over 2 ranks" in log
     # fairseq counts params with .expert: each rank holds half of them.
     assert_same_params(one / "checkpoint_last.pt", two / "checkpoint_last.pt")
@@ -138,3 +144,19 @@ def test_two_rank_checkpoint_decodes_on_one_process(data_bin, tmp_path):
                                 "--path", save / "checkpoint_last.pt", "--beam", "2",
                                 "--gen-subset", "test", "--cpu", "--max-tokens", "2000"])
     assert proc.stdout.count("\nH-") + proc.stdout.startswith("H-") == 60
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--moe-expert-count", "3"], "--moe-expert-count 3 must be divisible"),
+    (["--fp16"], "--fp16-no-flatten-grads"),
+])
+def test_bad_expert_parallel_configuration_is_one_line(data_bin, tmp_path, extra, flag):
+    results = train(data_bin, tmp_path / "bad", 2, tmp_path, "--max-epoch", "1", *extra,
+                    tag="bad", check=False)
+    for code, log in results:
+        assert code != 0
+        # torch.distributed prefixes what a rank's exception hook prints with [rankN]:
+        errors = [line for line in log.splitlines()
+                  if re.match(r"(\[rank\d+\]: )?moe_fairseq: error:", line)]
+        assert len(errors) == 1 and flag in errors[0], log[-3000:]
+        assert "Traceback" not in log
