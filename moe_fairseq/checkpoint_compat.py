@@ -35,11 +35,15 @@ def checkpoint_safe_globals():
 
 def _atomic_copy(src_path: str, dst_path: str) -> bool:
     tmp = f"{dst_path}.tmp-{os.getpid()}"
-    with open(src_path, "rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=16 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, dst_path)
+    try:
+        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, dst_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return True
 
 
