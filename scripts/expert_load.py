@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--user-dir", default=None, help="plugin folder (default: this repository's moe_fairseq)")
     p.add_argument("--json", default=None, help="also write the per-layer counts here")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    p.add_argument("--verbose", action="store_true", help="show fairseq's INFO logging")
     return p.parse_args(argv)
 
 
@@ -71,6 +72,10 @@ def describe(counts):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.verbose:
+        import logging
+
+        logging.disable(logging.INFO)
     from fairseq import checkpoint_utils, utils
 
     user_dir = args.user_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_fairseq")

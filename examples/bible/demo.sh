@@ -39,6 +39,7 @@ bash examples/bible/evaluate.sh "$data" "$dir/eval" \
 
 step 5/5 "MoE expert load on the test set"
 "$PYTHON" scripts/expert_load.py --path "$dir/moe/checkpoint_last.pt" --data "$data/bin" \
-  --split test --cpu --json "$dir/eval/expert_load.json" 2>&1 | grep -v -e tensorboardX -e Warning -e _canonical_mask
+  --split test --cpu --json "$dir/eval/expert_load.json" 2>&1 \
+  | grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__"
 
 printf '\ndemo finished in %ds; results: %s/eval/results.md\n' "$(( $(date +%s) - start ))" "$dir"
