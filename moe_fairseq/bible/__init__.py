@@ -14,3 +14,16 @@ time and never copied into this repository).
 
 class BibleDataError(RuntimeError):
     """A problem with the Bible data or the user's request; the message says what to do."""
+
+
+def run_as_command(run, prog: str, argv=None) -> int:
+    """Run ``run(argv)`` for a command-line entry point: a :class:`BibleDataError`
+    becomes one line ``PROG: error: ...`` on stderr and exit status 2."""
+    import sys
+
+    try:
+        run(argv)
+    except BibleDataError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

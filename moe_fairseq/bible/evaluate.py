@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import BibleDataError
+from . import BibleDataError, run_as_command
 from .scoring import score_direction
 
 METRICS = ("bleu", "chrf", "bleu_multi", "chrf_multi")
@@ -456,9 +456,4 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(argv)
-    except BibleDataError as exc:
-        print(f"evaluate.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_as_command(run, "evaluate.py", argv)

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import BibleDataError
+from . import BibleDataError, run_as_command
 from . import corpus as C
 
 FORMAT_VERSION = 1
@@ -573,9 +573,4 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(argv)
-    except BibleDataError as exc:
-        print(f"prepare_bible.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_as_command(run, "prepare_bible.py", argv)
