@@ -45,6 +45,13 @@ class MoEStats:
     expert_passes: Optional[Tensor] = None
 
     @property
+    def starved_fraction(self) -> Tensor:
+        """Share of experts given < 10% of their fair share of assignments (MoEC's
+        "sparse data allocation")."""
+        load = self.expert_load.float()
+        return (load < 0.1 * load.mean()).float().mean()
+
+    @property
     def load_cv(self) -> Tensor:
         """Coefficient of variation (std / mean, population std) of ``expert_load``."""
         load = self.expert_load.float()

@@ -602,3 +602,17 @@ def test_expert_bank_no_rows_forward_backward(dtype, impl):
     for name, p in bank.named_parameters():
         assert p.grad is not None, name
         assert torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_starved_fraction_counts_experts_under_a_tenth_of_fair_share():
+    from moe_fairseq.moe_layer import MoEStats
+
+    # load (100, 100, 5, 95): mean 75, a tenth of it 7.5 -> only the third expert
+    stats = MoEStats(expert_load=torch.tensor([100, 100, 5, 95]))
+    assert stats.starved_fraction.item() == pytest.approx(0.25)
+    # (0, 0, 0, 40): mean 10 -> three experts below 1.0
+    stats = MoEStats(expert_load=torch.tensor([0, 0, 0, 40]))
+    assert stats.starved_fraction.item() == pytest.approx(0.75)
+    # exactly at a tenth is not starved: (1, 19): mean 10, 1 < 1.0 is false
+    stats = MoEStats(expert_load=torch.tensor([1, 19]))
+    assert stats.starved_fraction.item() == 0.0

@@ -24,7 +24,8 @@ from conftest import (
     train_args,
 )
 
-MOE_METRICS = ("moe_gate_loss", "moe_overflow", "moe_load_cv", "moe_route_entropy")
+MOE_METRICS = ("moe_gate_loss", "moe_overflow", "moe_load_cv", "moe_route_entropy",
+               "moe_starved_experts")
 NUM_EXPERTS = 4
 # moe_transformer_tiny has 2 encoder + 2 decoder layers; --moe-freq 2 makes
 # encoder layer 2 and decoder layer 2 MoE layers.
@@ -78,6 +79,7 @@ def test_train_loss_decreases_and_logs_moe_metrics(trained):
         assert 0.0 <= rec["moe_overflow"] <= 1.0
         assert 0.0 <= rec["moe_route_entropy"] <= math.log(NUM_EXPERTS) + 1e-3
         assert rec["moe_load_cv"] >= 0.0
+        assert 0.0 <= rec["moe_starved_experts"] <= 1.0
         # Balance loss E * sum_e f_e p_e lies in (0, E] per layer, summed over layers.
         assert 0.0 < rec["moe_gate_loss"] <= NUM_MOE_LAYERS * NUM_EXPERTS
         # Training capacity (factor 1.0, top-2) drops a little, never most tokens.

@@ -12,7 +12,9 @@ Logged (aggregated over MoE layers; all logging outputs can be summed):
 ``moe_gate_loss``, ``moe_z_loss``, ``moe_<name>_loss`` (sums over layers, mean over
 batches), ``moe_overflow`` (dropped / requested token-expert assignments),
 ``moe_load_cv`` (mean over layers of the coefficient of variation of expert
-load), ``moe_route_entropy`` (mean per-token routing entropy, nats).
+load), ``moe_starved_experts`` (mean over layers of the share of experts given
+less than 10% of their fair share: MoEC's "sparse data allocation"),
+``moe_route_entropy`` (mean per-token routing entropy, nats).
 """
 
 from dataclasses import dataclass, field
@@ -105,6 +107,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         out["moe_assignments"] = sum(int(s.assignments) for s in stats)
         out["moe_dropped"] = sum(int(s.dropped) for s in stats)
         out["moe_load_cv_sum"] = sum(float(s.load_cv) for s in stats)
+        out["moe_starved_sum"] = sum(float(s.starved_fraction) for s in stats)
         out["moe_entropy_sum"] = sum(float(s.entropy_sum) for s in stats)
         out["moe_entropy_count"] = sum(int(s.entropy_count) for s in stats)
         return out
@@ -128,6 +131,8 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             metrics.log_scalar("moe_overflow", total("moe_dropped") / assignments, assignments, round=4)
         layer_batches = total("moe_layers")
         metrics.log_scalar("moe_load_cv", total("moe_load_cv_sum") / max(layer_batches, 1),
+                           layer_batches, round=3)
+        metrics.log_scalar("moe_starved_experts", total("moe_starved_sum") / max(layer_batches, 1),
                            layer_batches, round=3)
         count = total("moe_entropy_count")
         if count > 0:
