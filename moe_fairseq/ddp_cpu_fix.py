@@ -6,7 +6,6 @@ which torch refuses for a module on the CPU ("device_ids ... only work with
 CPU users test multi-process training (gloo) with the c10d backend.
 """
 
-import torch
 
 
 def install() -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import List
 
 from .routers import ROUTERS
+from .routers.cosine import VAR_TYPES as MOEC_VAR_TYPES
+from .routers.cosine import kept_per_cluster
 from .routers.top_k import SECOND_EXPERT_POLICIES
 
 
@@ -46,6 +48,31 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                             "(Switch jitter; default 0)")
     group.add_argument("--moe-expert-ffn-dim", type=int, metavar="D",
                        help="hidden size of each expert FFN (default: the layer's FFN dim)")
+    add_moec_args(parser)
+
+
+def add_moec_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the MoEC cosine router (``--moe-router cosine``)."""
+    group = parser.add_argument_group("MoEC cosine router (--moe-router cosine)")
+    group.add_argument("--moec-routing-dim", type=int, metavar="R",
+                       help="dimension tokens are projected to before the cosine score "
+                            "(default 32)")
+    group.add_argument("--moec-clusters", type=int, metavar="G",
+                       help="expert clusters: contiguous blocks of E/G experts; must divide "
+                            "--moe-expert-count (default 1; moec presets: tiny/base 2, big 4)")
+    group.add_argument("--moec-var-coef", type=float, metavar="C",
+                       help="weight of the within-cluster variance loss moec_var = E*C*Var "
+                            "(default 0 = off; moec presets 1.0, the authors' recipe)")
+    group.add_argument("--moec-var-type", type=str, metavar="T",
+                       help=f"variance of the mean routing probabilities: one of "
+                            f"{list(MOEC_VAR_TYPES)} (default cluster)")
+    group.add_argument("--moec-expert-dropout", type=float, metavar="P",
+                       help="training only: drop a fraction P of the experts of every "
+                            "cluster (at least one is kept), 0 <= P < 1 (default 0; "
+                            "moec presets: tiny 0, base/big 0.5)")
+    group.add_argument("--moec-dropout-interval", type=int, metavar="N",
+                       help="draw a new set of kept experts every N training forward "
+                            "calls (default 1; moec presets 250, the authors' recipe)")
 
 
 def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
@@ -64,6 +91,12 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
     default("moe_normalize_gates", False)
     default("moe_jitter_eps", 0.0)
     default("moe_expert_ffn_dim", None)
+    default("moec_routing_dim", 32)
+    default("moec_clusters", 1)
+    default("moec_var_coef", 0.0)
+    default("moec_var_type", "cluster")
+    default("moec_expert_dropout", 0.0)
+    default("moec_dropout_interval", 1)
 
 
 @dataclass
@@ -145,6 +178,7 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             f"--moe-expert-ffn-dim must be a positive integer, got {args.moe_expert_ffn_dim}"
         )
+    validate_moec_args(args)
     freq = args.moe_freq
     enc = getattr(args, "encoder_layers", 0) or 0
     dec = getattr(args, "decoder_layers", 0) or 0
@@ -171,3 +205,46 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             "--encoder-layers-to-keep/--decoder-layers-to-keep are not supported with MoE layers"
         )
+
+
+def validate_moec_args(args: argparse.Namespace) -> None:
+    """The ``--moec-*`` flags (checked whatever the router; the defaults are valid)."""
+    E = args.moe_expert_count
+    dim = getattr(args, "moec_routing_dim", 32)
+    if dim is None or dim < 1:
+        raise MoEConfigError(f"--moec-routing-dim must be a positive integer, got {dim}")
+    G = getattr(args, "moec_clusters", 1)
+    if G is None or G < 1 or E % G != 0:
+        raise MoEConfigError(
+            f"--moec-clusters must be a positive integer dividing --moe-expert-count {E}, "
+            f"got {G}"
+        )
+    var_type = getattr(args, "moec_var_type", "cluster")
+    if var_type not in MOEC_VAR_TYPES:
+        raise MoEConfigError(
+            f"--moec-var-type must be one of {list(MOEC_VAR_TYPES)}, got {var_type!r}"
+        )
+    coef = getattr(args, "moec_var_coef", 0.0)
+    if coef is None or coef < 0:
+        raise MoEConfigError(f"--moec-var-coef must be >= 0, got {coef}")
+    if args.moe_router == "cosine" and coef > 0:
+        if var_type in ("cluster", "gap") and E // G < 2:
+            raise MoEConfigError(
+                f"--moec-var-type {var_type} with --moec-var-coef > 0 needs at least 2 "
+                f"experts per cluster (--moec-clusters {G}, --moe-expert-count {E})"
+            )
+        if var_type == "gap" and G < 2:
+            raise MoEConfigError("--moec-var-type gap needs --moec-clusters >= 2")
+    p = getattr(args, "moec_expert_dropout", 0.0)
+    if p is None or not 0 <= p < 1:
+        raise MoEConfigError(f"--moec-expert-dropout must be in [0, 1), got {p}")
+    interval = getattr(args, "moec_dropout_interval", 1)
+    if interval is None or interval < 1:
+        raise MoEConfigError(f"--moec-dropout-interval must be >= 1, got {interval}")
+    if args.moe_router == "cosine" and p > 0:
+        alive = G * kept_per_cluster(E // G, p)
+        if alive < args.moe_top_k:
+            raise MoEConfigError(
+                f"--moec-expert-dropout {p} keeps {alive} of {E} experts "
+                f"(--moec-clusters {G}), fewer than --moe-top-k {args.moe_top_k}"
+            )

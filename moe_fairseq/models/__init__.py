@@ -1,1 +1,2 @@
 from . import moe_transformer  # noqa: F401
+from . import moec_transformer  # noqa: F401

@@ -5,6 +5,7 @@ A new routing method registers itself here and the MoE layer needs no change.
 """
 
 from .base import Router, Routing, capacity_for
+from .cosine import CosineRouter
 from .top_k import TopKRouter
 
 
@@ -21,8 +22,30 @@ def _build_linear(options, embed_dim: int) -> Router:
     )
 
 
+def _build_cosine(options, embed_dim: int) -> Router:
+    args = options.args
+    return CosineRouter(
+        embed_dim,
+        options.expert_count,
+        top_k=options.top_k,
+        capacity_factor=options.capacity_factor,
+        eval_capacity_token_fraction=options.eval_capacity_token_fraction,
+        second_expert_policy=options.second_expert_policy,
+        normalize_gates=options.normalize_gates,
+        jitter_eps=options.jitter_eps,
+        routing_dim=args.moec_routing_dim,
+        clusters=args.moec_clusters,
+        var_coef=args.moec_var_coef,
+        var_type=args.moec_var_type,
+        expert_dropout=args.moec_expert_dropout,
+        dropout_interval=args.moec_dropout_interval,
+        seed=getattr(args, "seed", 1) or 0,
+    )
+
+
 ROUTERS = {
     "linear": _build_linear,
+    "cosine": _build_cosine,
 }
 
 
@@ -30,4 +53,4 @@ def build_router(options, embed_dim: int) -> Router:
     return ROUTERS[options.router](options, embed_dim)
 
 
-__all__ = ["Router", "Routing", "TopKRouter", "ROUTERS", "build_router", "capacity_for"]
+__all__ = ["Router", "Routing", "TopKRouter", "CosineRouter", "ROUTERS", "build_router", "capacity_for"]

@@ -50,13 +50,17 @@ class TopKRouter(Router):
         self.jitter_eps = jitter_eps
         self.wg = nn.Linear(embed_dim, num_experts, bias=False)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """x ``[T, d]`` -> fp32 logits ``[T, E]``."""
+    def router_input(self, x: Tensor) -> Tensor:
+        """x ``[T, d]`` in fp32, with the training-time jitter (``--moe-jitter-eps``)."""
         x32 = x.float()
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             x32 = x32 * noise
-        return F.linear(x32, self.wg.weight.float())
+        return x32
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x ``[T, d]`` -> fp32 logits ``[T, E]``."""
+        return F.linear(self.router_input(x), self.wg.weight.float())
 
     def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         logits = self.logits(x)
@@ -76,6 +80,7 @@ class TopKRouter(Router):
             "balance": load_balance_loss(probs, first, self.num_experts),
             "z": router_z_loss(logits),
         }
+        losses.update(self.extra_losses(logits, probs, first))
         capacity = capacity_for(
             x.size(0),
             self.num_experts,
@@ -85,6 +90,11 @@ class TopKRouter(Router):
             self.eval_capacity_token_fraction,
         )
         return Routing(expert_index, gate, capacity, losses, probs.detach())
+
+    def extra_losses(self, logits: Tensor, probs: Tensor, first: Tensor) -> dict:
+        """Hook for subclasses: more routing losses from the pass's fp32 ``logits``,
+        differentiable ``probs`` and first choices (the linear router adds none)."""
+        return {}
 
     def _second_choice(self, logits: Tensor, probs: Tensor, first: Tensor):
         policy = self.second_expert_policy if self.training else "all"
