@@ -342,7 +342,7 @@ def test_moec_tiny_trains_and_generates(data_bin, tmp_path):
     proc = run_cli("train", args)
     out = proc.stdout + proc.stderr
     assert "router cosine" in out
-    assert "moe_moec_var_loss" in out
+    assert "moec_var_loss" in out and "moe_moec_var_loss" not in out
     proc = run_cli(
         "generate",
         [data_bin, "--user-dir", USER_DIR, "--path", save_dir / "checkpoint_last.pt",
@@ -351,9 +351,7 @@ def test_moec_tiny_trains_and_generates(data_bin, tmp_path):
     )
     assert "Translated 60 sentences" in proc.stdout + proc.stderr
 
-    from moe_fairseq.checkpoint_compat import checkpoint_safe_globals
-
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
+    # weights-only load: importing moe_fairseq allowlisted the checkpoint's types
+    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
     calls = [v for k, v in state["model"].items() if k.endswith("router.dropout_calls")]
     assert calls and all(int(c) > 0 for c in calls)

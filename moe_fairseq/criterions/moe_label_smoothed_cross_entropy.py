@@ -4,13 +4,13 @@ loss = CE_ls + sample_size * (gate_wt * sum_layers gate_loss + z_wt * sum_layers
 
 A layer's gate loss is the sum of its router's losses other than ``z`` (the
 balance loss for the linear router; methods such as MoEC add terms of their own,
-each also logged as ``moe_<name>_loss``). The routing losses are batch means, so
+each also logged: ``moe_balance_loss``, ``moec_var_loss``). The routing losses are batch means, so
 they are scaled by ``sample_size`` to keep their weight independent of how fairseq
 normalizes the summed CE.
 
 Logged (aggregated over MoE layers; all logging outputs can be summed):
-``moe_gate_loss``, ``moe_z_loss``, ``moe_<name>_loss`` (sums over layers, mean over
-batches), ``moe_overflow`` (dropped / requested token-expert assignments),
+``moe_gate_loss``, ``moe_z_loss``, one key per routing loss (sums over layers, mean
+over batches), ``moe_overflow`` (dropped / requested token-expert assignments),
 ``moe_load_cv`` (mean over layers of the coefficient of variation of expert
 load), ``moe_starved_experts`` (mean over layers of the share of experts given
 less than 10% of their fair share: MoEC's "sparse data allocation"),
@@ -42,6 +42,16 @@ class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfi
         default=0.0,
         metadata={"help": "weight of the router z-loss (ST-MoE), summed over MoE layers"},
     )
+
+
+# Method-specific losses carry their method's flag prefix (moec_var -> moec_var_loss);
+# the common ones get "moe_" (balance -> moe_balance_loss, z -> moe_z_loss).
+METHOD_PREFIXES = ("moec_", "smoe_")
+LOSS_LOG_PREFIXES = ("moe_",) + METHOD_PREFIXES
+
+
+def loss_log_key(name: str) -> str:
+    return f"{name}_loss" if name.startswith(METHOD_PREFIXES) else f"moe_{name}_loss"
 
 
 def moe_layer_stats(model) -> List[MoEStats]:
@@ -100,7 +110,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         gate = 0.0
         for name in names:
             value = sum(float(s.losses[name].detach()) for s in stats if name in s.losses)
-            out[f"moe_{name}_loss"] = value
+            out[loss_log_key(name)] = value
             if name != "z":
                 gate += value
         out["moe_gate_loss"] = gate
@@ -123,7 +133,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if batches == 0:
             return
         loss_keys = sorted({k for log in logging_outputs for k in log
-                            if k.startswith("moe_") and k.endswith("_loss")})
+                            if k.startswith(LOSS_LOG_PREFIXES) and k.endswith("_loss")})
         for key in loss_keys:
             metrics.log_scalar(key, total(key) / batches, batches, round=4)
         assignments = total("moe_assignments")
