@@ -337,12 +337,16 @@ def test_registered_builder_reads_flags():
 def test_moec_tiny_trains_and_generates(data_bin, tmp_path):
     save_dir = tmp_path / "ckpt"
     args = train_args(data_bin, save_dir, "--moec-expert-dropout", "0.5",
-                      "--moec-dropout-interval", "3", max_update=10)
+                      "--moec-dropout-interval", "3", "--moe-log-per-layer", max_update=10)
     args[args.index("moe_transformer_tiny")] = "moec_transformer_tiny"
     proc = run_cli("train", args)
     out = proc.stdout + proc.stderr
     assert "router cosine" in out
     assert "moec_var_loss" in out and "moe_moec_var_loss" not in out
+    # per-layer load statistics (two MoE layers: encoder 2, decoder 2)
+    for key in ("moe_l0_load_cv", "moe_l1_load_cv", "moe_l0_starved", "moe_l1_starved"):
+        assert f'"{key}"' in out, key
+    assert '"moe_starved_experts"' in out
     proc = run_cli(
         "generate",
         [data_bin, "--user-dir", USER_DIR, "--path", save_dir / "checkpoint_last.pt",

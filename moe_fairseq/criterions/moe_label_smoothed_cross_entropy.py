@@ -17,6 +17,7 @@ less than 10% of their fair share: MoEC's "sparse data allocation"),
 ``moe_route_entropy`` (mean per-token routing entropy, nats).
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -42,6 +43,12 @@ class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfi
         default=0.0,
         metadata={"help": "weight of the router z-loss (ST-MoE), summed over MoE layers"},
     )
+    moe_log_per_layer: bool = field(
+        default=False,
+        metadata={"help": "also log each MoE layer's load CV and starved-expert share "
+                          "(moe_l<i>_load_cv, moe_l<i>_starved; i counts MoE layers in "
+                          "module order, encoder first)"},
+    )
 
 
 # Method-specific losses carry their method's flag prefix (moec_var -> moec_var_loss);
@@ -62,7 +69,8 @@ def moe_layer_stats(model) -> List[MoEStats]:
 @register_criterion("moe_label_smoothed_cross_entropy", dataclass=MoELabelSmoothedCrossEntropyConfig)
 class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
-                 report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0):
+                 report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0,
+                 moe_log_per_layer=False):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         if moe_gate_loss_wt < 0:
             raise MoEConfigError(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
@@ -70,6 +78,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             raise MoEConfigError(f"--moe-router-z-loss-wt must be >= 0, got {moe_router_z_loss_wt}")
         self.gate_loss_wt = moe_gate_loss_wt
         self.z_loss_wt = moe_router_z_loss_wt
+        self.log_per_layer = moe_log_per_layer
 
     def forward(self, model, sample, reduce=True):
         for m in model.modules():
@@ -81,6 +90,10 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
         stats = moe_layer_stats(model)
         moe_logs = self.moe_logging_output(stats)
+        if self.log_per_layer:
+            for i, s in enumerate(stats):
+                moe_logs[f"moe_l{i}_load_cv"] = float(s.load_cv)
+                moe_logs[f"moe_l{i}_starved"] = float(s.starved_fraction)
         if stats:
             gate = sum(v for s in stats for k, v in s.losses.items() if k != "z")
             z = sum(s.losses["z"] for s in stats if "z" in s.losses)
@@ -144,6 +157,10 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                            layer_batches, round=3)
         metrics.log_scalar("moe_starved_experts", total("moe_starved_sum") / max(layer_batches, 1),
                            layer_batches, round=3)
+        per_layer = sorted({k for log in logging_outputs for k in log
+                            if re.match(r"moe_l\d+_(load_cv|starved)$", k)})
+        for key in per_layer:
+            metrics.log_scalar(key, total(key) / batches, batches, round=3)
         count = total("moe_entropy_count")
         if count > 0:
             metrics.log_scalar("moe_route_entropy", total("moe_entropy_sum") / count, count, round=3)
