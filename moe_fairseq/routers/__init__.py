@@ -9,10 +9,9 @@ from .cosine import CosineRouter
 from .top_k import TopKRouter
 
 
-def _build_linear(options, embed_dim: int) -> Router:
-    return TopKRouter(
-        embed_dim,
-        options.expert_count,
+def _top_k_kwargs(options) -> dict:
+    """The foundation flags every top-k router takes."""
+    return dict(
         top_k=options.top_k,
         capacity_factor=options.capacity_factor,
         eval_capacity_token_fraction=options.eval_capacity_token_fraction,
@@ -22,17 +21,16 @@ def _build_linear(options, embed_dim: int) -> Router:
     )
 
 
+def _build_linear(options, embed_dim: int) -> Router:
+    return TopKRouter(embed_dim, options.expert_count, **_top_k_kwargs(options))
+
+
 def _build_cosine(options, embed_dim: int) -> Router:
     args = options.args
     return CosineRouter(
         embed_dim,
         options.expert_count,
-        top_k=options.top_k,
-        capacity_factor=options.capacity_factor,
-        eval_capacity_token_fraction=options.eval_capacity_token_fraction,
-        second_expert_policy=options.second_expert_policy,
-        normalize_gates=options.normalize_gates,
-        jitter_eps=options.jitter_eps,
+        **_top_k_kwargs(options),
         routing_dim=args.moec_routing_dim,
         clusters=args.moec_clusters,
         var_coef=args.moec_var_coef,
