@@ -68,7 +68,6 @@ class DispatchPlan:
     N = kept assignments, E = experts.
     """
 
-    token_index: Tensor  # [N] int64, source token of each row, rows grouped by expert
     row_gates: Tensor  # [N] gate of each row (differentiable)
     group_sizes: Tensor  # [E] int64, rows per expert after capacity
     requested: Tensor  # [E] int64, assignments per expert before capacity
@@ -77,13 +76,18 @@ class DispatchPlan:
     num_slots: int  # k, slots per token
 
     @property
+    def token_index(self) -> Tensor:
+        """``[N]`` int64, source token of each row (rows grouped by expert)."""
+        return self.assignment_index % max(self.num_tokens, 1)
+
+    @property
     def num_assignments(self) -> int:
         """Assignments with an expert, before capacity."""
         return int(self.requested.sum())
 
     @property
     def num_dropped(self) -> int:
-        return self.num_assignments - int(self.token_index.numel())
+        return self.num_assignments - int(self.assignment_index.numel())
 
 
 class SortDispatcher:
@@ -112,10 +116,8 @@ class SortDispatcher:
         else:
             group_sizes = requested
         kept = order[keep]
-        token_index = kept % max(num_tokens, 1)
         row_gates = gates.t().reshape(-1)[kept]
         return DispatchPlan(
-            token_index=token_index,
             row_gates=row_gates,
             group_sizes=group_sizes,
             requested=requested,

@@ -90,9 +90,13 @@ def _all_gather_rows(t: torch.Tensor, group, world: int) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _flat_params(optimizer) -> List[torch.Tensor]:
+    """A torch optimizer's parameters in state-dict index order."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 def _optimizer_params(trainer) -> List[torch.Tensor]:
-    opt = trainer.optimizer.optimizer
-    return [p for g in opt.param_groups for p in g["params"]]
+    return _flat_params(trainer.optimizer.optimizer)
 
 
 def _expert_slots(trainer) -> Dict[int, Tuple[int, int]]:
@@ -151,24 +155,20 @@ def _slice_optimizer_state(slots: Dict[int, Tuple[int, int]]):
     """Optimizer load pre-hook: keep this rank's block of full expert states."""
 
     def hook(optimizer, state_dict):
+        params = _flat_params(optimizer)
         for i, (rank, world) in slots.items():
             state = state_dict["state"].get(i)
-            if not state:
+            if not state or i >= len(params):
                 continue
+            param = params[i]
             for key, value in list(state.items()):
                 if torch.is_tensor(value) and value.dim() > 0 and value.size(0) % world == 0:
                     local = value.size(0) // world
-                    param = _param_at(optimizer, i)
-                    if param is not None and value.size(0) != param.size(0) and local == param.size(0):
+                    if value.size(0) != param.size(0) and local == param.size(0):
                         state[key] = value[rank * local:(rank + 1) * local].clone()
         return state_dict
 
     return hook
-
-
-def _param_at(optimizer, index: int):
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return params[index] if index < len(params) else None
 
 
 def install() -> None:
