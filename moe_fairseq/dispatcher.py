@@ -93,6 +93,9 @@ class DispatchPlan:
 class SortDispatcher:
     """Plans, gathers and combines for experts that all live in this process."""
 
+    # No communication: the layer may skip a routing pass that has no token.
+    collective = False
+
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.num_local_experts = num_experts

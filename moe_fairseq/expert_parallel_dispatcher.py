@@ -127,6 +127,10 @@ class AllToAllDispatcher:
     ``torch.distributed`` process group (None = the default group) on gloo or NCCL.
     """
 
+    # plan/dispatch/combine are collectives: every rank must run every routing
+    # pass of a multi-pass router, even one without local tokens.
+    collective = True
+
     def __init__(self, num_experts: int, group=None):
         self.group = group
         self.world_size = group_size(group)

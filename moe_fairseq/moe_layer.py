@@ -32,7 +32,14 @@ class MoEStats:
     - ``expert_load``: ``[E]`` assignments requested per expert;
     - ``entropy_sum``: sum over routed tokens (and passes) of the routing entropy
       in nats, with ``entropy_count`` the number of terms;
-    - ``expert_passes``: token-pass count (= tokens for single-pass routers).
+    - ``expert_passes``: token-pass count (= tokens for single-pass routers);
+      ``expert_passes / tokens`` is SMoE's "requested capacity";
+    - ``pass_tokens``: ``[num_passes]`` tokens routed at each pass;
+    - ``token_passes``: multi-pass routers only, passes of each position of the
+      input, shaped like the input without its last dim (0 for padding);
+    - ``sentence_passes`` / ``sentence_tokens``: ``[batch]`` sums of
+      ``token_passes`` and of routed tokens per sentence, filled in by the
+      transformer layer (it knows which dim is the batch).
     """
 
     losses: Dict[str, Tensor] = field(default_factory=dict)
@@ -43,6 +50,10 @@ class MoEStats:
     entropy_sum: Optional[Tensor] = None
     entropy_count: Optional[Tensor] = None
     expert_passes: Optional[Tensor] = None
+    pass_tokens: Optional[Tensor] = None
+    token_passes: Optional[Tensor] = None
+    sentence_passes: Optional[Tensor] = None
+    sentence_tokens: Optional[Tensor] = None
 
     @property
     def starved_fraction(self) -> Tensor:
@@ -99,67 +110,123 @@ class MoELayer(nn.Module):
     def reset_expert_load(self) -> None:
         self.expert_load_total.zero_()
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None,
+    ) -> Tensor:
         """x ``[..., d]``, padding_mask ``[...]`` (True = padding) -> ``[..., d]``.
 
         Padding positions are not routed: they use no capacity, do not enter the
-        routing losses and get a zero output.
+        routing losses and get a zero output. ``residual`` ``[..., d]`` is what the
+        caller adds the output to (default ``x``); multi-pass routers continue
+        from ``residual + y`` (see :class:`~moe_fairseq.routers.base.Router`).
         """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        stream = None
+        if self.router.num_passes > 1:
+            stream = flat if residual is None else residual.reshape(-1, shape[-1])
         if padding_mask is not None:
             token_pos = (~padding_mask.reshape(-1).to(torch.bool)).nonzero().squeeze(1)
-            out = self._route_and_compute(gather_rows(flat, token_pos))
+            if stream is not None:
+                stream = gather_rows(stream, token_pos)
+            out = self._route_and_compute(gather_rows(flat, token_pos), stream)
             out = scatter_rows(out, token_pos, flat.size(0))
+            if self.stats.token_passes is not None:
+                passes = self.stats.token_passes.new_zeros(flat.size(0))
+                self.stats.token_passes = passes.index_copy(0, token_pos, self.stats.token_passes)
         else:
-            out = self._route_and_compute(flat)
+            out = self._route_and_compute(flat, stream)
+        if self.stats.token_passes is not None:
+            self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
         return out.reshape(shape)
 
-    def _route_and_compute(self, tokens: Tensor) -> Tensor:
-        """tokens ``[T, d]`` -> sum over passes of the gated expert outputs ``[T, d]``."""
+    def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None) -> Tensor:
+        """tokens ``[T, d]`` -> sum over passes of the gated expert outputs ``[T, d]``.
+
+        ``stream`` ``[T, d]``: the tokens' residual streams, for multi-pass routers.
+        """
         E = self.num_experts
+        P = self.router.num_passes
+        T = tokens.size(0)
         device = tokens.device
         zero = torch.zeros((), dtype=torch.long, device=device)
         stats = MoEStats(
-            tokens=zero + tokens.size(0),
+            tokens=zero + T,
             assignments=zero.clone(),
             dropped=zero.clone(),
             expert_load=torch.zeros(E, dtype=torch.long, device=device),
             entropy_sum=torch.zeros((), dtype=torch.float32, device=device),
             entropy_count=zero.clone(),
             expert_passes=zero.clone(),
+            pass_tokens=torch.zeros(P, dtype=torch.long, device=device),
         )
+        # A collective dispatcher must run every pass on every rank, even a pass
+        # with no local token, or the ranks' all-to-alls would not pair up.
+        run_empty_passes = getattr(self.dispatcher, "collective", False)
+        if P > 1 and stream is None:
+            stream = tokens
+        # Passes each token went through (multi-pass routers only): dynamic capacity.
+        stats.token_passes = torch.zeros(T, dtype=torch.long, device=device) if P > 1 else None
         total: Optional[Tensor] = None
-        active_pos = None  # rows of `tokens` still routed; None = all
-        h = tokens
+        due: Optional[Tensor] = None  # [T] pass each token is routed at next
         losses: Dict[str, list] = {}
-        for pass_index in range(self.router.num_passes):
+        routed_passes = 0  # passes with at least one token: the losses' denominator
+        for pass_index in range(P):
+            if pass_index == 0:
+                pos, h = None, tokens
+            else:
+                if due is None:
+                    break
+                pos = (due == pass_index).nonzero().squeeze(1)
+                if pos.numel() == 0 and not run_empty_passes:
+                    continue
+                h = self.router.pass_input(gather_rows(stream, pos), pass_index)
             routing = self.router(h, pass_index)
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)
-            y = self.dispatcher.combine(rows, plan)  # [T_active, d]
+            y = self.dispatcher.combine(rows, plan)  # [T_pass, d]
 
+            # Empty passes add their (zero, graph-connected) losses but do not
+            # count, so a rank's losses do not depend on how many ranks there are.
+            routed_passes += int(h.size(0) > 0)
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
             stats.assignments += plan.requested.sum()
             stats.dropped += plan.requested.sum() - plan.group_sizes.sum()
             stats.expert_load += plan.requested
             stats.expert_passes += h.size(0)
+            stats.pass_tokens[pass_index] += h.size(0)
+            if stats.token_passes is not None:
+                stats.token_passes = (stats.token_passes + 1 if pos is None
+                                      else stats.token_passes.index_add(0, pos, torch.ones_like(pos)))
             if routing.probs is not None and routing.probs.size(0) > 0:
                 stats.entropy_sum += entropy_of(routing.probs) * routing.probs.size(0)
                 stats.entropy_count += routing.probs.size(0)
 
-            y_all = y if active_pos is None else scatter_rows(y, active_pos, tokens.size(0))
+            y_all = y if pos is None else scatter_rows(y, pos, T)
             total = y_all if total is None else total + y_all
-            if routing.continue_mask is None:
-                break
-            # Multi-pass routers: survivors continue from their running sum.
-            keep = routing.continue_mask.nonzero().squeeze(1)
-            h = gather_rows(h + y, keep)
-            active_pos = keep if active_pos is None else active_pos.index_select(0, keep)
-
-        stats.losses = {name: torch.stack(v).mean() for name, v in losses.items()}
+            if routing.next_pass is not None:
+                if due is None:
+                    due = torch.full((T,), P, dtype=torch.long, device=device)
+                next_pass = routing.next_pass.to(torch.long)
+                if bool((next_pass <= pass_index).any()):
+                    raise RuntimeError(
+                        f"{type(self.router).__name__} sent a token from pass {pass_index} "
+                        "back to an earlier or the same pass"
+                    )
+                due = due.index_copy(0, torch.arange(T, device=device) if pos is None else pos,
+                                     next_pass)
+                if pass_index + 1 < P:
+                    stream = stream + y_all
+            elif due is not None:
+                due = due.index_fill(0, pos, P)
+        stats.losses = {
+            name: torch.stack(v).sum() / max(routed_passes, 1) for name, v in losses.items()
+        }
         self.expert_load_total += stats.expert_load.detach()
         self.stats = stats
         return total

@@ -13,6 +13,7 @@ from typing import List
 from .routers import ROUTERS
 from .routers.cosine import VAR_TYPES as MOEC_VAR_TYPES
 from .routers.cosine import kept_per_cluster
+from .routers.stratified import parse_strata
 from .routers.top_k import SECOND_EXPERT_POLICIES
 
 
@@ -49,6 +50,7 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-expert-ffn-dim", type=int, metavar="D",
                        help="hidden size of each expert FFN (default: the layer's FFN dim)")
     add_moec_args(parser)
+    add_smoe_args(parser)
 
 
 def add_moec_args(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,21 @@ def add_moec_args(parser: argparse.ArgumentParser) -> None:
                             "calls (default 1; moec presets 250, the authors' recipe)")
 
 
+def add_smoe_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the SMoE stratified router (``--moe-router stratified``)."""
+    group = parser.add_argument_group("SMoE stratified router (--moe-router stratified)")
+    group.add_argument("--smoe-strata", type=str, metavar="N1,N2,...",
+                       help="experts per stratum, summing to --moe-expert-count, e.g. 4,12: "
+                            "a token at stratum i picks its top-k among strata i.., moves on "
+                            "to (stratum of its top-1 expert)+1 and leaves after the last "
+                            "(smoe presets: tiny 2,2; base 2,2,2,2; big 4,12)")
+    group.add_argument("--smoe-stratum-layernorm", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="a LayerNorm on the tokens entering each stratum after the "
+                            "first (default on, as in the paper; --no-smoe-stratum-layernorm "
+                            "feeds the raw residual stream)")
+
+
 def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
     """Fill MoE flags the user left unset (architectures call this)."""
     def default(name, value):
@@ -97,6 +114,8 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
     default("moec_var_type", "cluster")
     default("moec_expert_dropout", 0.0)
     default("moec_dropout_interval", 1)
+    default("smoe_strata", None)
+    default("smoe_stratum_layernorm", True)
 
 
 @dataclass
@@ -179,6 +198,7 @@ def validate_moe_args(args: argparse.Namespace) -> None:
             f"--moe-expert-ffn-dim must be a positive integer, got {args.moe_expert_ffn_dim}"
         )
     validate_moec_args(args)
+    validate_smoe_args(args)
     freq = args.moe_freq
     enc = getattr(args, "encoder_layers", 0) or 0
     dec = getattr(args, "decoder_layers", 0) or 0
@@ -248,3 +268,35 @@ def validate_moec_args(args: argparse.Namespace) -> None:
                 f"--moec-expert-dropout {p} keeps {alive} of {E} experts "
                 f"(--moec-clusters {G}), fewer than --moe-top-k {args.moe_top_k}"
             )
+
+
+def validate_smoe_args(args: argparse.Namespace) -> None:
+    """The ``--smoe-*`` flags."""
+    spec = getattr(args, "smoe_strata", None)
+    stratified = args.moe_router == "stratified"
+    if spec is None:
+        if stratified:
+            raise MoEConfigError(
+                "--moe-router stratified needs --smoe-strata (experts per stratum, e.g. 4,12)"
+            )
+        return
+    if not stratified:
+        raise MoEConfigError(
+            f"--smoe-strata {spec} needs --moe-router stratified (or an smoe_transformer_* "
+            f"arch), got --moe-router {args.moe_router}"
+        )
+    try:
+        strata = parse_strata(spec)
+    except ValueError as e:
+        raise MoEConfigError(f"--smoe-strata: {e}") from None
+    E = args.moe_expert_count
+    if sum(strata) != E:
+        raise MoEConfigError(
+            f"--smoe-strata {spec} has {sum(strata)} experts, --moe-expert-count is {E}: "
+            "the strata must add up to it"
+        )
+    if args.moe_top_k > strata[-1]:
+        raise MoEConfigError(
+            f"--moe-top-k {args.moe_top_k} is larger than the last stratum of --smoe-strata "
+            f"{spec} ({strata[-1]} experts): tokens there could not pick {args.moe_top_k}"
+        )

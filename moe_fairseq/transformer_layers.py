@@ -29,10 +29,24 @@ class _MoEBlock:
     """The FFN half of a layer: (pre-norm) -> MoE -> dropout -> residual (-> post-norm)."""
 
     def _moe_block(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """x ``[seq, batch, d]``, padding_mask ``[batch, seq]`` -> ``[seq, batch, d]``.
+
+        Multi-pass routers (SMoE) continue from the residual stream, so the MoE
+        block gets ``residual`` too; their per-sentence pass counts are filled in
+        here, where the batch dim is known.
+        """
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x = self.moe(x, _seq_major(padding_mask))
+        mask = _seq_major(padding_mask)
+        x = self.moe(x, mask, residual=residual)
+        stats = self.moe.stats
+        if stats.token_passes is not None:
+            stats.sentence_passes = stats.token_passes.sum(0)
+            stats.sentence_tokens = (
+                torch.full_like(stats.sentence_passes, x.size(0)) if mask is None
+                else (~mask.to(torch.bool)).sum(0)
+            )
         x = self.residual_connection(self.dropout_module(x), residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)

@@ -6,6 +6,7 @@ A new routing method registers itself here and the MoE layer needs no change.
 
 from .base import Router, Routing, capacity_for
 from .cosine import CosineRouter
+from .stratified import StratifiedRouter
 from .top_k import TopKRouter
 
 
@@ -41,9 +42,20 @@ def _build_cosine(options, embed_dim: int) -> Router:
     )
 
 
+def _build_stratified(options, embed_dim: int) -> Router:
+    args = options.args
+    return StratifiedRouter(
+        embed_dim,
+        args.smoe_strata,
+        stratum_layernorm=bool(args.smoe_stratum_layernorm),
+        **_top_k_kwargs(options),
+    )
+
+
 ROUTERS = {
     "linear": _build_linear,
     "cosine": _build_cosine,
+    "stratified": _build_stratified,
 }
 
 
@@ -51,4 +63,4 @@ def build_router(options, embed_dim: int) -> Router:
     return ROUTERS[options.router](options, embed_dim)
 
 
-__all__ = ["Router", "Routing", "TopKRouter", "CosineRouter", "ROUTERS", "build_router", "capacity_for"]
+__all__ = ["Router", "Routing", "TopKRouter", "CosineRouter", "StratifiedRouter", "ROUTERS", "build_router", "capacity_for"]

@@ -14,6 +14,11 @@ Conventions (T = routed tokens in the pass, k = experts per token, E = experts):
 - ``capacity`` is the most assignments one expert accepts in this pass, or
   ``None`` for no limit. Assignments past capacity are dropped in priority
   order: all first choices before any second choice, then by token order.
+
+Multi-pass routers (SMoE's strata) route a token several times in one layer: a
+pass may send a token on to a later pass (``Routing.next_pass``); the layer feeds
+that pass the token's running residual stream, transformed by
+:meth:`Router.pass_input`.
 """
 
 import math
@@ -37,9 +42,10 @@ class Routing:
     losses: Dict[str, Tensor] = field(default_factory=dict)
     # Router probabilities [T, E] in fp32, kept for statistics (entropy).
     probs: Optional[Tensor] = None
-    # For multi-pass routers: which of the pass's tokens continue to the next
-    # pass ([T] bool). None means every token is done after this pass.
-    continue_mask: Optional[Tensor] = None
+    # For multi-pass routers: [T] int64, the pass at which each token is routed
+    # next (> the current pass; >= num_passes means the token is done). Tokens may
+    # skip passes. None means every token is done after this pass.
+    next_pass: Optional[Tensor] = None
 
 
 class Router(nn.Module):
@@ -47,8 +53,11 @@ class Router(nn.Module):
 
     Subclasses implement :meth:`route`. Single-pass routers (the usual case) keep
     ``num_passes == 1``. A multi-pass router (stratified MoE) is called once per
-    pass with the tokens still active; the layer feeds pass ``p + 1`` with the
-    running sum ``x + y_0 + ... + y_p`` and returns ``y_0 + ... + y_last``.
+    pass with the tokens due at that pass. Pass 0 routes the layer's input ``x``
+    (every token). A later pass routes ``pass_input(h, p)``, where ``h`` is the
+    token's residual stream so far, ``r + y_0 + ... + y_q`` (``r`` is the
+    residual the block's output is added to, ``y_q`` the token's gated expert
+    outputs of its earlier passes). The layer returns ``y_0 + ... + y_last``.
     """
 
     num_experts: int
@@ -57,6 +66,11 @@ class Router(nn.Module):
     def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         """x: ``[T, d]`` token vectors (padding already removed) -> :class:`Routing`."""
         raise NotImplementedError
+
+    def pass_input(self, h: Tensor, pass_index: int) -> Tensor:
+        """Multi-pass routers: the vectors that pass ``pass_index >= 1`` routes and
+        its experts see, from the residual streams ``h [T, d]`` of its tokens."""
+        return h
 
     def forward(self, x: Tensor, pass_index: int = 0) -> Routing:
         return self.route(x, pass_index)

@@ -1,0 +1,55 @@
+"""SMoE presets (arXiv 2305.02176) on the ``moe_transformer`` model: stratified
+experts with dynamic capacity (``--moe-router stratified``, see
+``routers/stratified.py``).
+
+| preset | experts | ``--smoe-strata`` | sizes |
+| --- | --- | --- | --- |
+| ``smoe_transformer_tiny`` | 4 | 2,2 | ``moe_transformer_tiny`` |
+| ``smoe_transformer_base`` | 8 | 2,2,2,2 (the paper's best M4 model, SMoE-2-2-2-2) | ``moe_transformer_base`` |
+| ``smoe_transformer_big`` | 16 | 4,12 (the paper's M15 model, SMoE-4-12) | ``moe_transformer_big`` |
+
+Common to all, from the authors' recipe: top-2 within the visible experts,
+capacity ``2 T_i / E_i`` (``--moe-capacity-factor 1``), a LayerNorm per stratum
+(``--smoe-stratum-layernorm``), MoE in every other FFN (``--moe-freq 2``) and the
+gate loss weight 0.01 (the criterion's default ``--moe-gate-loss-wt``). Every one
+of them can be overridden on the command line; ``--moe-expert-count`` must then
+still equal the sum of ``--smoe-strata``.
+"""
+
+from fairseq.models import register_model_architecture
+
+from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
+
+
+def _smoe_defaults(args, strata: str) -> None:
+    def default(name, value):
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+    default("moe_router", "stratified")
+    default("moe_top_k", 2)
+    default("moe_capacity_factor", 1.0)
+    default("smoe_strata", strata)
+    default("smoe_stratum_layernorm", True)
+    # The expert count follows the strata unless given; a mismatch is refused later.
+    if getattr(args, "moe_expert_count", None) is None:
+        args.moe_expert_count = sum(int(n) for n in str(args.smoe_strata).split(",")
+                                    if n.strip().isdigit())
+
+
+@register_model_architecture("moe_transformer", "smoe_transformer_tiny")
+def smoe_transformer_tiny(args):
+    _smoe_defaults(args, "2,2")
+    moe_transformer_tiny(args)
+
+
+@register_model_architecture("moe_transformer", "smoe_transformer_base")
+def smoe_transformer_base(args):
+    _smoe_defaults(args, "2,2,2,2")
+    moe_transformer_base(args)
+
+
+@register_model_architecture("moe_transformer", "smoe_transformer_big")
+def smoe_transformer_big(args):
+    _smoe_defaults(args, "4,12")
+    moe_transformer_big(args)
