@@ -1,10 +1,9 @@
 """Which target language each sentence of a multilingual batch translates into.
 
 For ``--task translation_multi_simple_epoch`` the language is read from the
-language tokens fairseq puts in the batch: with ``--decoder-langtok``,
-``prev_output_tokens[:, 0]`` is ``__tgt__``; with ``--encoder-langtok tgt``, the
-source's end-of-sentence token was replaced by ``__tgt__``. The criterion uses
-this to log SMoE's requested capacity per target language.
+``__tgt__`` token fairseq puts in the batch: at the start of the target with
+``--decoder-langtok``, in the source with ``--encoder-langtok tgt``. The criterion
+uses this to log SMoE's requested capacity per target language.
 """
 
 from typing import List, Optional, Tuple
@@ -46,17 +45,21 @@ def target_language_index(task, sample) -> Optional[Tuple[Tensor, List[str]]]:
     args = task.args
     net_input = sample["net_input"]
     if getattr(args, "decoder_langtok", False) and "prev_output_tokens" in net_input:
-        tokens = net_input["prev_output_tokens"][:, 0]
+        # fairseq versions differ: the token leads the target (training) or replaces
+        # the beginning-of-sentence of prev_output_tokens.
+        prev = net_input["prev_output_tokens"][:, :2]
+        columns = [prev] if sample.get("target") is None else [sample["target"][:, :1], prev]
+        candidates = torch.cat(columns, dim=1)
     elif getattr(args, "encoder_langtok", None) == "tgt":
-        src = net_input["src_tokens"]
-        if getattr(args, "left_pad_source", True):
-            tokens = src[:, -1]
-        else:
-            tokens = src.gather(1, (net_input["src_lengths"] - 1).clamp_min(0)[:, None]).squeeze(1)
+        # Prepended to the source or put in place of its end-of-sentence token.
+        candidates = net_input["src_tokens"]
     else:
         return None
-    lookup = lookup.to(tokens.device)
-    valid = (tokens >= 0) & (tokens < lookup.numel())
-    index = torch.where(valid, lookup[tokens.clamp(0, lookup.numel() - 1)],
-                        torch.full_like(tokens, -1))
-    return index, names
+    lookup = lookup.to(candidates.device)
+    in_vocab = (candidates >= 0) & (candidates < lookup.numel())
+    langs = torch.where(in_vocab, lookup[candidates.clamp(0, lookup.numel() - 1)],
+                        torch.full_like(candidates, -1))
+    if langs.size(1) == 0:
+        return torch.full((langs.size(0),), -1, dtype=torch.long, device=langs.device), names
+    first = (langs >= 0).to(torch.int8).argmax(dim=1)  # first language token of each row
+    return langs.gather(1, first[:, None]).squeeze(1), names

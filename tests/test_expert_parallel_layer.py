@@ -46,6 +46,7 @@ from moe_fairseq.expert_parallel_dispatcher import (
 from moe_fairseq.moe_layer import MoELayer
 from moe_fairseq.options import MoEConfigError
 from moe_fairseq.routers.base import Router, Routing
+from moe_fairseq.routers.stratified import StratifiedRouter
 from moe_fairseq.routers.top_k import TopKRouter
 
 D, F_DIM, E_PER_RANK = 6, 10, 2
@@ -112,8 +113,13 @@ def build_layers(rank, world, make_router, seed=0):
 
 
 def params_of(layer):
+    """Router parameters (any number), then the expert bank's w1, b1, w2, b2."""
     b = layer.experts
-    return [layer.router.wg.weight, b.w1, b.b1, b.w2, b.b2]
+    return [*layer.router.parameters(), b.w1, b.b1, b.w2, b.b2]
+
+
+def num_router_params(layer):
+    return len(list(layer.router.parameters()))
 
 
 def grads(out, cot, inputs):
@@ -127,13 +133,15 @@ def run_ep(layer, x, cot):
     x = x.clone().requires_grad_(True)
     out = layer(x)
     (out * cot).sum().backward()
-    return out.detach(), [x.grad] + [p.grad for p in params_of(layer)]
+    return out.detach(), [torch.zeros_like(p) if p.grad is None else p.grad
+                          for p in [x] + params_of(layer)]
 
 
 def per_rank_reference(ref, rank, world, batches, cots, before_each=None):
     """Single-process layer on each rank's batch: this rank's output and x/router
     grads, expert grads summed over all ranks' batches, total dropped."""
     expert_grads, mine, dropped = None, None, 0
+    nr = num_router_params(ref)
     for s in range(world):
         if before_each is not None:
             before_each(s)
@@ -142,13 +150,13 @@ def per_rank_reference(ref, rank, world, batches, cots, before_each=None):
         dropped += int(ref.stats.dropped)
         g = grads(out, cots[s], [x] + params_of(ref))
         if expert_grads is None:
-            expert_grads = g[2:]
+            expert_grads = g[1 + nr:]
         else:
-            expert_grads = [a + b for a, b in zip(expert_grads, g[2:])]
+            expert_grads = [a + b for a, b in zip(expert_grads, g[1 + nr:])]
         if s == rank:
-            mine = (out.detach(), g[0], g[1])
-    out, gx, grouter = mine
-    return out, [gx, grouter] + expert_grads, dropped
+            mine = (out.detach(), g[:1 + nr])
+    out, own = mine
+    return out, own + expert_grads, dropped
 
 
 def local_slice(t, rank):
@@ -158,9 +166,11 @@ def local_slice(t, rank):
 def assert_matches(out, got, ref_out, ref_grads, rank, **tol):
     tol = tol or TIGHT
     torch.testing.assert_close(out, ref_out, **tol)
-    names = ["x", "router.wg.weight", "w1", "b1", "w2", "b2"]
+    assert len(got) == len(ref_grads)
+    nr = len(got) - 5  # x, router parameters, w1, b1, w2, b2
+    names = ["x"] + [f"router param {i}" for i in range(nr)] + ["w1", "b1", "w2", "b2"]
     for i, (name, g, r) in enumerate(zip(names, got, ref_grads)):
-        r = local_slice(r, rank) if i >= 2 else r
+        r = local_slice(r, rank) if i > nr else r
         torch.testing.assert_close(g, r, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
@@ -386,6 +396,59 @@ def case_refuses_indivisible_expert_count(rank, world):
         build_local_expert_bank(world + 1, D, F_DIM, rank, world)
 
 
+def smoe_strata(world):
+    """Three strata over E = 2W experts: [1, 1, 2] for W = 2, [2, 2, 4] for W = 4."""
+    E = num_experts(world)
+    return [E // 4, E // 4, E // 2]
+
+
+def case_stratified(rank, world, drops, sizes=None, seed=0, rank0_exits_first=False):
+    """SMoE: every rank runs all three stratum passes (its all-to-alls pair up with
+    its peers'), and matches the single-process layer on each rank's batch."""
+    strata = smoe_strata(world)
+
+    def make_router():
+        router = StratifiedRouter(D, strata, top_k=2, capacity_factor=0.5 if drops else 1.0,
+                                  second_expert_policy="all")
+        g = torch.Generator().manual_seed(99)
+        with torch.no_grad():  # norms that are not the identity
+            for norm in router.norms:
+                norm.weight.copy_(0.5 + torch.rand(D, generator=g))
+                norm.bias.copy_(torch.rand(D, generator=g) - 0.5)
+        return router
+
+    ep, ref = build_layers(rank, world, make_router, seed=20 + seed)
+    ep.train(drops)
+    ref.train(drops)
+    sizes = sizes or [tokens_of(s) for s in range(world)]
+    batches = [batch(s, T=sizes[s], seed=20 + seed) for s in range(world)]
+    if rank0_exits_first:
+        # Rank 0 only gets tokens whose top-1 at stratum 0 is in the last stratum:
+        # they all leave after one pass, while its peers' tokens go on.
+        pool = batch(0, T=400, seed=30 + seed)
+        with torch.no_grad():
+            first = ref.router.gates[0].route(pool).expert_index[:, 0]
+        leaves = (ref.router.stratum_of_expert[first] == len(strata) - 1).nonzero().squeeze(1)
+        batches[0] = pool[leaves[: sizes[0]]]
+        assert batches[0].size(0) == sizes[0]
+    cots = [cotangent(s, sizes[s], seed=seed) for s in range(world)]
+    passes = []
+    hook = ep.router.register_forward_hook(lambda _m, args, _r: passes.append(args[1]))
+    out, got = run_ep(ep, batches[rank], cots[rank])
+    hook.remove()
+    assert passes == [0, 1, 2]  # every rank, whatever its tokens
+    ref_out, ref_grads, dropped = per_rank_reference(ref, rank, world, batches, cots)
+    assert_matches(out, got, ref_out, ref_grads, rank)
+    if drops:
+        assert dropped > 0
+    pass_tokens = ep.stats.pass_tokens.tolist()
+    if rank0_exits_first and rank == 0:
+        assert pass_tokens == [sizes[0], 0, 0]
+    everyone = torch.tensor(pass_tokens)
+    dist.all_reduce(everyone)
+    assert int(everyone[1]) > 0 and int(everyone[2]) > 0  # later strata did run somewhere
+
+
 CASES = {
     "all_to_all_rows": case_all_to_all_rows,
     "top1_drops": lambda r, w: case_top_k(r, w, k=1, drops=True),
@@ -400,6 +463,12 @@ CASES = {
     "input_without_grad_on_one_rank": case_input_without_grad_on_one_rank,
     "only_kept_rows_on_the_wire": case_only_kept_rows_on_the_wire,
     "refuses_indivisible_expert_count": case_refuses_indivisible_expert_count,
+    "smoe_no_drops": lambda r, w: case_stratified(r, w, drops=False),
+    "smoe_drops": lambda r, w: case_stratified(r, w, drops=True, seed=1),
+    "smoe_one_rank_done_after_first_stratum": lambda r, w: case_stratified(
+        r, w, drops=False, seed=2, rank0_exits_first=True),
+    "smoe_one_rank_has_no_tokens": lambda r, w: case_stratified(
+        r, w, drops=True, seed=3, sizes=[0] + [4 * tokens_of(s) for s in range(1, w)]),
 }
 
 

@@ -1,0 +1,124 @@
+"""SMoE end to end: ``--arch smoe_transformer_tiny`` trained with fairseq-train on the
+multilingual task (two target languages), then decoded with fairseq-generate;
+requested capacity logged overall, per stratum and per target language;
+incremental decoding equals the full forward; the eval capacity flag reaches
+every stratum's gate."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import N_TEST, USER_DIR, log_records, run_cli
+
+MULTI_TASK_ARGS = [
+    "--task", "translation_multi_simple_epoch",
+    "--lang-pairs", "a-b,a-c",
+    "--encoder-langtok", "tgt", "--decoder-langtok",
+]
+
+
+@pytest.fixture(scope="module")
+def smoe_run(multilingual_data_bin, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("smoe") / "checkpoints"
+    proc = run_cli(
+        "train",
+        [
+            multilingual_data_bin, "--user-dir", USER_DIR, *MULTI_TASK_ARGS,
+            "--arch", "smoe_transformer_tiny",
+            "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--optimizer", "adam", "--lr", "3e-3",
+            "--max-tokens", "1000", "--max-update", "12",
+            "--save-dir", save_dir, "--no-epoch-checkpoints",
+            "--cpu", "--num-workers", "0", "--seed", "1",
+            "--log-format", "json", "--log-interval", "3", "--no-progress-bar",
+        ],
+    )
+    return multilingual_data_bin, save_dir, proc.stdout
+
+
+def _check_capacity_record(r, strata=2):
+    rc = r["smoe_requested_capacity"]
+    assert 1.0 <= rc <= strata
+    shares = [r[f"smoe_stratum{i}_share"] for i in range(strata)]
+    assert shares[0] == 1.0  # every token starts at stratum 0
+    assert 0.0 <= shares[1] <= 1.0
+    assert sum(shares) == pytest.approx(rc, abs=2e-3)  # logged rounded to 3 places
+    for lang in ("b", "c"):
+        assert 1.0 <= r[f"smoe_rc_{lang}"] <= strata
+
+
+def test_train_logs_requested_capacity_per_stratum_and_language(smoe_run):
+    _data, save_dir, stdout = smoe_run
+    assert "MoE layers: encoder [2], decoder [2] (1-based), 4 experts" in stdout
+    assert "router stratified" in stdout
+    inner = log_records(stdout, "train_inner")
+    valid = [{k[len("valid_"):]: v for k, v in r.items() if k.startswith("valid_")}
+             for r in log_records(stdout, "valid")]
+    assert inner and valid
+    for r in inner + valid:
+        assert math.isfinite(r["loss"]) and "moe_gate_loss" in r
+        _check_capacity_record(r)
+    # Dynamic capacity at work: some tokens took one pass, some two.
+    assert any(1.0 < r["smoe_requested_capacity"] < 2.0 for r in inner + valid)
+    assert (save_dir / "checkpoint_last.pt").is_file()
+
+
+def test_generate_decodes_every_sentence(smoe_run):
+    data, save_dir, _ = smoe_run
+    gen = run_cli(
+        "generate",
+        [
+            data, "--user-dir", USER_DIR, *MULTI_TASK_ARGS,
+            "--source-lang", "a", "--target-lang", "c",
+            "--path", save_dir / "checkpoint_last.pt",
+            "--beam", "4", "--gen-subset", "test", "--max-tokens", "2000",
+            "--cpu", "--num-workers", "0",
+        ],
+    )
+    hyps = [l for l in gen.stdout.splitlines() if l.startswith("H-")]
+    assert sorted(int(l.split("\t")[0][2:]) for l in hyps) == list(range(N_TEST))
+
+
+def test_incremental_decoding_and_eval_capacity_flag(smoe_run):
+    from fairseq import checkpoint_utils
+
+    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.routers.stratified import StratifiedRouter
+
+    data, save_dir, _ = smoe_run
+    # The eval capacity flag reaches every stratum's gate.
+    models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save_dir / "checkpoint_last.pt")],
+        arg_overrides={"data": str(data), "moe_eval_capacity_token_fraction": 0.25},
+    )
+    routers = [m.router for m in models[0].modules() if isinstance(m, MoELayer)]
+    assert len(routers) == 2 and all(isinstance(r, StratifiedRouter) for r in routers)
+    assert all(g.eval_capacity_token_fraction == 0.25 for r in routers for g in r.gates)
+    assert all(r.strata == [2, 2] and r.norms is not None for r in routers)
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save_dir / "checkpoint_last.pt")],
+        arg_overrides={"data": str(data), "moe_eval_capacity_token_fraction": 1.0},
+    )
+    model = models[0].eval()
+    decoder_moe = [m for m in model.decoder.modules() if isinstance(m, MoELayer)][0]
+    g = torch.Generator().manual_seed(0)
+    vocab = len(task.source_dictionary)
+    bsz, src_len, tgt_len = 3, 9, 8
+    # Ordinary word ids (past the 4 special symbols), no padding.
+    src_tokens = torch.randint(4, vocab - 3, (bsz, src_len), generator=g)
+    prev = torch.randint(4, vocab - 3, (bsz, tgt_len), generator=g)
+    with torch.no_grad():
+        encoder_out = model.encoder(src_tokens, src_lengths=torch.full((bsz,), src_len))
+        full, _ = model.decoder(prev, encoder_out=encoder_out)
+        full_passes = decoder_moe.stats.token_passes.clone()  # [tgt_len, bsz]
+        state, steps, step_passes = {}, [], []
+        for t in range(tgt_len):
+            out, _ = model.decoder(prev[:, : t + 1], encoder_out=encoder_out,
+                                   incremental_state=state)
+            steps.append(out)
+            step_passes.append(decoder_moe.stats.token_passes.clone())
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # Each position took the same strata one step at a time as in the full pass.
+    assert torch.equal(torch.cat(step_passes, 0), full_passes)
