@@ -2,7 +2,7 @@
 #
 #   make venv       create .venv and install everything (skipped when up to date)
 #   make test       run the test suite (PYTEST_ARGS="-k foo" to pass arguments)
-#   make demo       the main job: Bible m4 subset, tiny dense vs MoE on CPU, BLEU/chrF table
+#   make demo       the main job: Bible m4 subset, tiny dense vs MoE vs SMoE on CPU, BLEU/chrF table
 #   make bench      CPU micro-benchmark of the MoE layer
 #   make clean      remove build artefacts (keeps .venv)
 #   make distclean  clean + remove .venv

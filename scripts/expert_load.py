@@ -4,7 +4,10 @@
 Runs the model teacher-forced (eval mode, as in inference) over a split of the data
 it was trained on and prints, per MoE layer, the share of token-expert assignments
 each expert received, its coefficient of variation and how many experts get less
-than 10% of their fair share. ``--json`` also writes the counts.
+than 10% of their fair share. For SMoE models (multi-pass routers) it also prints
+the requested capacity (mean expert passes per token), the share of tokens
+reaching each stratum and, for multilingual data with target-language tokens, the
+requested capacity per target language. ``--json`` also writes the counts.
 
     python scripts/expert_load.py --path checkpoints/moe/checkpoint_best.pt \
         --data data-bin/corpus --split valid [--json load.json]
@@ -32,8 +35,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class CapacityCounter:
+    """Requested capacity of the multi-pass (SMoE) layers, summed over batches."""
+
+    def __init__(self, layers):
+        self.layers = [m for m in layers if m.router.num_passes > 1]
+        self.tokens = 0
+        self.passes = 0
+        self.stratum_tokens = None
+        self.by_lang = {}  # lang -> [passes, tokens]
+
+    def add(self, task, sample):
+        from moe_fairseq.target_language import target_language_index
+
+        if not self.layers:
+            return
+        stats = [m.stats for m in self.layers]
+        self.tokens += sum(int(s.tokens) for s in stats)
+        self.passes += sum(int(s.expert_passes) for s in stats)
+        strata = sum(s.pass_tokens for s in stats)
+        self.stratum_tokens = strata if self.stratum_tokens is None else self.stratum_tokens + strata
+        found = target_language_index(task, sample)
+        if found is None:
+            return
+        index, names = found
+        passes = sum(s.sentence_passes for s in stats)
+        tokens = sum(s.sentence_tokens for s in stats)
+        for i in index.unique().tolist():
+            if i >= 0:
+                row = self.by_lang.setdefault(names[i], [0, 0])
+                row[0] += int(passes[index == i].sum())
+                row[1] += int(tokens[index == i].sum())
+
+    def summary(self):
+        if not self.layers or self.tokens == 0:
+            return None
+        return {
+            "requested_capacity": self.passes / self.tokens,
+            "stratum_share": [n / self.tokens for n in self.stratum_tokens.tolist()],
+            "by_target_language": {lang: p / t for lang, (p, t) in sorted(self.by_lang.items()) if t},
+            "tokens": self.tokens,
+        }
+
+
 def collect_expert_load(models, task, split, max_tokens, max_batches, device):
-    """Returns ``[(layer name, counts [E] list)]`` summed over the split."""
+    """Returns (``[(layer name, counts [E] list)]`` summed over the split, SMoE
+    requested-capacity summary or None)."""
     from fairseq import utils
 
     from moe_fairseq.moe_layer import MoELayer
@@ -51,13 +98,15 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device):
         max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
         ignore_invalid_inputs=True,
     ).next_epoch_itr(shuffle=False)
+    capacity = CapacityCounter([m for _, m in layers])
     with torch.no_grad():
         for i, sample in enumerate(itr):
             if max_batches and i >= max_batches:
                 break
             sample = utils.move_to_cuda(sample) if device == "cuda" else sample
             model(**sample["net_input"])
-    return [(name, m.expert_load_total.tolist()) for name, m in layers]
+            capacity.add(task, sample)
+    return [(name, m.expert_load_total.tolist()) for name, m in layers], capacity.summary()
 
 
 def describe(counts):
@@ -87,16 +136,28 @@ def main(argv=None):
         m.eval()
         if device == "cuda":
             m.cuda()
-    result = collect_expert_load(models, task, args.split, args.max_tokens, args.max_batches, device)
+    result, capacity = collect_expert_load(models, task, args.split, args.max_tokens,
+                                           args.max_batches, device)
     print(f"expert load on '{args.split}' ({args.path})")
     print(f"{'layer':<28} {'CV':>6} {'<10% fair':>9}  share of assignments per expert (%)")
     for name, counts in result:
         share, cv, starved = describe(counts)
         cells = " ".join(f"{100 * s:5.1f}" for s in share)
         print(f"{name.replace('.moe', ''):<28} {cv:6.3f} {starved:>9}  {cells}")
+    if capacity is not None:
+        shares = " ".join(f"{100 * x:5.1f}" for x in capacity["stratum_share"])
+        print(f"\nSMoE requested capacity (mean expert passes per token, SMoE layers): "
+              f"{capacity['requested_capacity']:.3f}")
+        print(f"tokens reaching each stratum (%): {shares}")
+        if capacity["by_target_language"]:
+            print("requested capacity per target language: " + ", ".join(
+                f"{lang} {rc:.3f}" for lang, rc in capacity["by_target_language"].items()))
     if args.json:
+        out = {name: counts for name, counts in result}
+        if capacity is not None:
+            out["smoe_requested_capacity"] = capacity
         with open(args.json, "w") as f:
-            json.dump({name: counts for name, counts in result}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

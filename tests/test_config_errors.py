@@ -31,6 +31,14 @@ BAD_CONFIGS = {
                              ["--moe-normalize-gates"]),
     "jitter-eps-1.5": (["--moe-jitter-eps", "1.5"], ["--moe-jitter-eps"]),
     "gate-loss-wt-negative": (["--moe-gate-loss-wt", "-1"], ["--moe-gate-loss-wt"]),
+    "smoe-strata-sum": (["--arch", "smoe_transformer_tiny", "--moe-expert-count", "4",
+                         "--smoe-strata", "2,3"], ["--smoe-strata", "--moe-expert-count"]),
+    "smoe-strata-malformed": (["--arch", "smoe_transformer_tiny", "--smoe-strata", "2;2"],
+                              ["--smoe-strata"]),
+    "smoe-top2-past-last-stratum": (["--arch", "smoe_transformer_tiny", "--smoe-strata", "3,1"],
+                                    ["--moe-top-k", "--smoe-strata"]),
+    "smoe-strata-without-router": (["--smoe-strata", "2,2"], ["--smoe-strata", "--moe-router"]),
+    "stratified-without-strata": (["--moe-router", "stratified"], ["--smoe-strata"]),
 }
 
 

@@ -122,3 +122,26 @@ def test_incremental_decoding_and_eval_capacity_flag(smoe_run):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     # Each position took the same strata one step at a time as in the full pass.
     assert torch.equal(torch.cat(step_passes, 0), full_passes)
+
+
+def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    data, save_dir, _ = smoe_run
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/expert_load.py", "--path", str(save_dir / "checkpoint_last.pt"),
+         "--data", str(data), "--split", "valid", "--cpu", "--json", str(out)],
+        cwd=str(REPO_ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "requested capacity per target language: b " in proc.stdout
+    report = json.loads(out.read_text())["smoe_requested_capacity"]
+    assert set(report["by_target_language"]) == {"b", "c"}
+    assert all(1.0 <= v <= 2.0 for v in report["by_target_language"].values())
+    shares = report["stratum_share"]
+    assert shares[0] == 1.0 and sum(shares) == pytest.approx(report["requested_capacity"])

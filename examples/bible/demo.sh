@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # The demo (README's main command, `make demo`): on CPU, build a small m4 subset of the
-# Bible benchmark, train a tiny dense and a tiny MoE transformer for the same number of
-# updates, evaluate both and print the BLEU/chrF table side by side and the MoE model's
-# expert load per layer. A second run reuses what is already built.
+# Bible benchmark, train a tiny dense, a tiny MoE and a tiny SMoE transformer for the same
+# number of updates, evaluate them and print the BLEU/chrF table side by side, the MoE
+# model's expert load per layer and the SMoE model's requested capacity per target
+# language. A second run reuses what is already built.
 #
-# Knobs (environment): DEMO_DIR (default runs/demo), DEMO_UPDATES (default 1000).
+# Knobs (environment): DEMO_DIR (default runs/demo), DEMO_UPDATES (default 1000),
+# DEMO_METHODS (default "dense moe smoe"; any of dense moe moec smoe).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 export PYTHON=${PYTHON:-$repo/.venv/bin/python}
 dir=${DEMO_DIR:-runs/demo}
 updates=${DEMO_UPDATES:-1000}
+read -r -a methods <<< "${DEMO_METHODS:-dense moe smoe}"
 data=$dir/data
+non_dense=0
+for m in "${methods[@]}"; do [ "$m" = dense ] || non_dense=$((non_dense + 1)); done
+total=$(( 2 + ${#methods[@]} + non_dense ))
 start=$(date +%s)
 
 step() { printf '\n=== [%s] %s (%ds elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 
-step 1/5 "data: m4 demo subset (de, ru, sw, tl <-> en)"
+step 1/$total "data: m4 demo subset (de, ru, sw, tl <-> en)"
 bash examples/bible/prepare.sh m4 "$data" --demo
 
-for method in dense moe; do
-  n=$([ $method = dense ] && echo 2 || echo 3)
-  step $n/5 "train tiny $method for $updates updates"
+n=1
+models=()
+for method in "${methods[@]}"; do
+  n=$((n + 1))
+  models+=("$method=$dir/$method/checkpoint_last.pt")
+  step $n/$total "train tiny $method for $updates updates"
   done_mark=$dir/$method/.trained-$updates
   if [ -f "$done_mark" ]; then
     echo "already trained: $dir/$method/checkpoint_last.pt"
@@ -32,14 +41,17 @@ for method in dense moe; do
   fi
 done
 
-step 4/5 "evaluate both (beam 4, CPU)"
-bash examples/bible/evaluate.sh "$data" "$dir/eval" \
-  dense="$dir/dense/checkpoint_last.pt" moe="$dir/moe/checkpoint_last.pt" \
+step $((n + 1))/$total "evaluate ${methods[*]} (beam 4, CPU)"
+bash examples/bible/evaluate.sh "$data" "$dir/eval" "${models[@]}" \
   -- --cpu --beam 4 --batch-size 64 --reuse
 
-step 5/5 "MoE expert load on the test set"
-"$PYTHON" scripts/expert_load.py --path "$dir/moe/checkpoint_last.pt" --data "$data/bin" \
-  --split test --cpu --json "$dir/eval/expert_load.json" 2>&1 \
-  | grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__"
+for method in "${methods[@]}"; do
+  [ "$method" = dense ] && continue
+  n=$((n + 1))
+  step $((n + 1))/$total "$method: expert load (and SMoE requested capacity) on the test set"
+  "$PYTHON" scripts/expert_load.py --path "$dir/$method/checkpoint_last.pt" --data "$data/bin" \
+    --split test --cpu --json "$dir/eval/expert_load_$method.json" 2>&1 \
+    | grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__"
+done
 
 printf '\ndemo finished in %ds; results: %s/eval/results.md\n' "$(( $(date +%s) - start ))" "$dir"

@@ -3,7 +3,7 @@
 #
 #   examples/bible/train.sh METHOD SIZE DATA SAVE_DIR [extra fairseq-train flags ...]
 #
-#   METHOD  dense | moe
+#   METHOD  dense | moe | moec (cosine router, expert clusters) | smoe (stratified experts)
 #   SIZE    tiny (CPU: 2+2 layers, d=64, 4 experts) | base (one GPU: transformer-base, 8 experts)
 #   DATA    output folder of prepare.sh (holds bin/ and manifest.json)
 #
@@ -49,7 +49,11 @@ case "$method" in
   dense) arch=(--arch transformer) ;;
   moe)   arch=(--arch moe_transformer --moe-expert-count "$experts" --moe-freq 2 --moe-top-k 2
                --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0) ;;
-  *) echo "train.sh: error: METHOD must be dense or moe, got '$method'" >&2; exit 2 ;;
+  # The method presets (models/moec_transformer.py, models/smoe_transformer.py) set the
+  # authors' routing flags; the sizes above override the presets' sizes.
+  moec)  arch=(--arch "moec_transformer_$size" --moe-eval-capacity-token-fraction 1.0) ;;
+  smoe)  arch=(--arch "smoe_transformer_$size" --moe-eval-capacity-token-fraction 1.0) ;;
+  *) echo "train.sh: error: METHOD must be dense, moe, moec or smoe, got '$method'" >&2; exit 2 ;;
 esac
 
 mkdir -p "$save_dir"

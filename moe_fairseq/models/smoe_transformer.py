@@ -18,6 +18,7 @@ still equal the sum of ``--smoe-strata``.
 
 from fairseq.models import register_model_architecture
 
+from ..routers.stratified import parse_strata
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
 
@@ -31,10 +32,13 @@ def _smoe_defaults(args, strata: str) -> None:
     default("moe_capacity_factor", 1.0)
     default("smoe_strata", strata)
     default("smoe_stratum_layernorm", True)
-    # The expert count follows the strata unless given; a mismatch is refused later.
+    # The expert count follows the strata unless given; a mismatch, or strata that
+    # do not parse, are refused with the flag named by validate_smoe_args.
     if getattr(args, "moe_expert_count", None) is None:
-        args.moe_expert_count = sum(int(n) for n in str(args.smoe_strata).split(",")
-                                    if n.strip().isdigit())
+        try:
+            args.moe_expert_count = sum(parse_strata(args.smoe_strata))
+        except ValueError:
+            pass
 
 
 @register_model_architecture("moe_transformer", "smoe_transformer_tiny")
