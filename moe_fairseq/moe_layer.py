@@ -55,6 +55,21 @@ class MoEStats:
     sentence_passes: Optional[Tensor] = None
     sentence_tokens: Optional[Tensor] = None
 
+    def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
+        """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
+        n = routing.expert_index.size(0)
+        self.assignments += plan.requested.sum()
+        self.dropped += plan.requested.sum() - plan.group_sizes.sum()
+        self.expert_load += plan.requested
+        self.expert_passes += n
+        self.pass_tokens[pass_index] += n
+        if self.token_passes is not None:
+            self.token_passes = (self.token_passes + 1 if pos is None
+                                 else self.token_passes.index_add(0, pos, torch.ones_like(pos)))
+        if routing.probs is not None and routing.probs.size(0) > 0:
+            self.entropy_sum += entropy_of(routing.probs) * routing.probs.size(0)
+            self.entropy_count += routing.probs.size(0)
+
     @property
     def starved_fraction(self) -> Tensor:
         """Share of experts given < 10% of their fair share of assignments (MoEC's
@@ -195,17 +210,7 @@ class MoELayer(nn.Module):
             routed_passes += int(h.size(0) > 0)
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
-            stats.assignments += plan.requested.sum()
-            stats.dropped += plan.requested.sum() - plan.group_sizes.sum()
-            stats.expert_load += plan.requested
-            stats.expert_passes += h.size(0)
-            stats.pass_tokens[pass_index] += h.size(0)
-            if stats.token_passes is not None:
-                stats.token_passes = (stats.token_passes + 1 if pos is None
-                                      else stats.token_passes.index_add(0, pos, torch.ones_like(pos)))
-            if routing.probs is not None and routing.probs.size(0) > 0:
-                stats.entropy_sum += entropy_of(routing.probs) * routing.probs.size(0)
-                stats.entropy_count += routing.probs.size(0)
+            stats.record_pass(pass_index, routing, plan, pos)
 
             y_all = y if pos is None else scatter_rows(y, pos, T)
             total = y_all if total is None else total + y_all
