@@ -145,3 +145,25 @@ def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tm
     assert all(1.0 <= v <= 2.0 for v in report["by_target_language"].values())
     shares = report["stratum_share"]
     assert shares[0] == 1.0 and sum(shares) == pytest.approx(report["requested_capacity"])
+
+
+def test_flags_reach_the_router(data_bin, tmp_path):
+    """--smoe-strata, --no-smoe-stratum-layernorm and --moe-top-k 1 on the command
+    line end up in every layer's router, and survive the checkpoint."""
+    from fairseq import checkpoint_utils
+
+    from conftest import train_args
+    from moe_fairseq.moe_layer import MoELayer
+
+    save_dir = tmp_path / "ckpt"
+    run_cli("train", train_args(data_bin, save_dir, "--arch", "smoe_transformer_tiny",
+                                "--smoe-strata", "1,3", "--no-smoe-stratum-layernorm",
+                                "--moe-top-k", "1", max_update=2))
+    models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save_dir / "checkpoint_last.pt")], arg_overrides={"data": str(data_bin)})
+    routers = [m.router for m in models[0].modules() if isinstance(m, MoELayer)]
+    assert len(routers) == 2
+    for r in routers:
+        assert r.strata == [1, 3] and r.norms is None
+        assert [g.top_k for g in r.gates] == [1, 1]
+        assert [g.num_experts for g in r.gates] == [4, 3]
