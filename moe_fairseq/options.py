@@ -92,30 +92,36 @@ def add_smoe_args(parser: argparse.ArgumentParser) -> None:
                             "feeds the raw residual stream)")
 
 
-def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
-    """Fill MoE flags the user left unset (architectures call this)."""
-    def default(name, value):
+def set_defaults(args: argparse.Namespace, **values) -> None:
+    """Set each flag the user (or an older checkpoint) left unset (None or missing)."""
+    for name, value in values.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
-    default("moe_expert_count", expert_count)
-    default("moe_freq", 2)
-    default("moe_top_k", 2)
-    default("moe_router", "linear")
-    default("moe_capacity_factor", 1.0)
-    default("moe_eval_capacity_token_fraction", 1.0)
-    default("moe_second_expert_policy", "sampling")
-    default("moe_normalize_gates", False)
-    default("moe_jitter_eps", 0.0)
-    default("moe_expert_ffn_dim", None)
-    default("moec_routing_dim", 32)
-    default("moec_clusters", 1)
-    default("moec_var_coef", 0.0)
-    default("moec_var_type", "cluster")
-    default("moec_expert_dropout", 0.0)
-    default("moec_dropout_interval", 1)
-    default("smoe_strata", None)
-    default("smoe_stratum_layernorm", True)
+
+def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
+    """Fill MoE flags the user left unset (architectures call this)."""
+    set_defaults(
+        args,
+        moe_expert_count=expert_count,
+        moe_freq=2,
+        moe_top_k=2,
+        moe_router="linear",
+        moe_capacity_factor=1.0,
+        moe_eval_capacity_token_fraction=1.0,
+        moe_second_expert_policy="sampling",
+        moe_normalize_gates=False,
+        moe_jitter_eps=0.0,
+        moe_expert_ffn_dim=None,
+        moec_routing_dim=32,
+        moec_clusters=1,
+        moec_var_coef=0.0,
+        moec_var_type="cluster",
+        moec_expert_dropout=0.0,
+        moec_dropout_interval=1,
+        smoe_strata=None,
+        smoe_stratum_layernorm=True,
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -35,55 +36,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class CapacityCounter:
-    """Requested capacity of the multi-pass (SMoE) layers, summed over batches."""
-
-    def __init__(self, layers):
-        self.layers = [m for m in layers if m.router.num_passes > 1]
-        self.tokens = 0
-        self.passes = 0
-        self.stratum_tokens = None
-        self.by_lang = {}  # lang -> [passes, tokens]
-
-    def add(self, task, sample):
-        from moe_fairseq.target_language import target_language_index
-
-        if not self.layers:
-            return
-        stats = [m.stats for m in self.layers]
-        self.tokens += sum(int(s.tokens) for s in stats)
-        self.passes += sum(int(s.expert_passes) for s in stats)
-        strata = sum(s.pass_tokens for s in stats)
-        self.stratum_tokens = strata if self.stratum_tokens is None else self.stratum_tokens + strata
-        found = target_language_index(task, sample)
-        if found is None:
-            return
-        index, names = found
-        passes = sum(s.sentence_passes for s in stats)
-        tokens = sum(s.sentence_tokens for s in stats)
-        for i in index.unique().tolist():
-            if i >= 0:
-                row = self.by_lang.setdefault(names[i], [0, 0])
-                row[0] += int(passes[index == i].sum())
-                row[1] += int(tokens[index == i].sum())
-
-    def summary(self):
-        if not self.layers or self.tokens == 0:
-            return None
-        return {
-            "requested_capacity": self.passes / self.tokens,
-            "stratum_share": [n / self.tokens for n in self.stratum_tokens.tolist()],
-            "by_target_language": {lang: p / t for lang, (p, t) in sorted(self.by_lang.items()) if t},
-            "tokens": self.tokens,
-        }
-
-
 def collect_expert_load(models, task, split, max_tokens, max_batches, device):
     """Returns (``[(layer name, counts [E] list)]`` summed over the split, SMoE
     requested-capacity summary or None)."""
     from fairseq import utils
 
     from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.requested_capacity import capacity_counts, capacity_summary
 
     model = models[0]
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -98,15 +57,15 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device):
         max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
         ignore_invalid_inputs=True,
     ).next_epoch_itr(shuffle=False)
-    capacity = CapacityCounter([m for _, m in layers])
+    counts = Counter()  # SMoE requested-capacity counts, summed over batches
     with torch.no_grad():
         for i, sample in enumerate(itr):
             if max_batches and i >= max_batches:
                 break
             sample = utils.move_to_cuda(sample) if device == "cuda" else sample
             model(**sample["net_input"])
-            capacity.add(task, sample)
-    return [(name, m.expert_load_total.tolist()) for name, m in layers], capacity.summary()
+            counts.update(capacity_counts([m.stats for _, m in layers], task, sample))
+    return [(name, m.expert_load_total.tolist()) for name, m in layers], capacity_summary(counts)
 
 
 def describe(counts):

@@ -39,7 +39,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 
 from ..moe_layer import MoELayer, MoEStats
 from ..options import MoEConfigError
-from ..target_language import target_language_index
+from ..requested_capacity import capacity_counts, capacity_summary, is_count_key
 
 
 @dataclass
@@ -99,7 +99,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
         stats = moe_layer_stats(model)
         moe_logs = self.moe_logging_output(stats)
-        moe_logs.update(self.requested_capacity_by_language(stats, sample))
+        moe_logs.update(capacity_counts(stats, self.task, sample))
         if self.log_per_layer:
             for i, s in enumerate(stats):
                 moe_logs[f"moe_l{i}_load_cv"] = float(s.load_cv)
@@ -123,28 +123,6 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
 
-    def requested_capacity_by_language(self, stats: List[MoEStats], sample) -> Dict[str, float]:
-        """``smoe_passes_<lang>`` / ``smoe_tokens_<lang>`` sums over multi-pass layers."""
-        layers = [s for s in stats if s.sentence_passes is not None]
-        if not layers:
-            return {}
-        found = target_language_index(self.task, sample)
-        if found is None:
-            return {}
-        index, names = found
-        passes = sum(s.sentence_passes for s in layers)
-        tokens = sum(s.sentence_tokens for s in layers)
-        if passes.numel() != index.numel():  # not [batch]-shaped: nothing to attribute
-            return {}
-        out: Dict[str, float] = {}
-        for i in index.unique().tolist():
-            if i < 0:
-                continue
-            rows = index == i
-            out[f"smoe_passes_{names[i]}"] = int(passes[rows].sum())
-            out[f"smoe_tokens_{names[i]}"] = int(tokens[rows].sum())
-        return out
-
     @staticmethod
     def moe_logging_output(stats: List[MoEStats]) -> Dict[str, float]:
         """Summable per-batch MoE numbers; empty for a model without MoE layers."""
@@ -165,14 +143,6 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         out["moe_starved_sum"] = sum(float(s.starved_fraction) for s in stats)
         out["moe_entropy_sum"] = sum(float(s.entropy_sum) for s in stats)
         out["moe_entropy_count"] = sum(int(s.entropy_count) for s in stats)
-        multi = [s for s in stats if s.pass_tokens is not None and s.pass_tokens.numel() > 1]
-        if multi:
-            out["smoe_tokens"] = sum(int(s.tokens) for s in multi)
-            out["smoe_passes"] = sum(int(s.expert_passes) for s in multi)
-            for s in multi:
-                for i, n in enumerate(s.pass_tokens.tolist()):
-                    key = f"smoe_s{i}_tokens"
-                    out[key] = out.get(key, 0) + n
         return out
 
     @classmethod
@@ -208,22 +178,16 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     @staticmethod
     def reduce_requested_capacity(logging_outputs, total) -> None:
-        smoe_tokens = total("smoe_tokens")
-        if smoe_tokens > 0:
-            metrics.log_scalar("smoe_requested_capacity", total("smoe_passes") / smoe_tokens,
-                               smoe_tokens, round=3)
-            strata = sorted({int(m.group(1)) for log in logging_outputs for k in log
-                             for m in [re.match(r"smoe_s(\d+)_tokens$", k)] if m})
-            for i in strata:
-                metrics.log_scalar(f"smoe_stratum{i}_share",
-                                   total(f"smoe_s{i}_tokens") / smoe_tokens, smoe_tokens, round=3)
-        langs = sorted({k[len("smoe_tokens_"):] for log in logging_outputs for k in log
-                        if k.startswith("smoe_tokens_")})
-        for lang in langs:
-            tokens = total(f"smoe_tokens_{lang}")
-            if tokens > 0:
-                metrics.log_scalar(f"smoe_rc_{lang}", total(f"smoe_passes_{lang}") / tokens,
-                                   tokens, round=3)
+        keys = {k for log in logging_outputs for k in log if is_count_key(k)}
+        summary = capacity_summary({k: total(k) for k in keys})
+        if summary is None:
+            return
+        metrics.log_scalar("smoe_requested_capacity", summary["requested_capacity"],
+                           summary["tokens"], round=3)
+        for i, share in enumerate(summary["stratum_share"]):
+            metrics.log_scalar(f"smoe_stratum{i}_share", share, summary["tokens"], round=3)
+        for lang, rc in summary["by_target_language"].items():
+            metrics.log_scalar(f"smoe_rc_{lang}", rc, summary["language_tokens"][lang], round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

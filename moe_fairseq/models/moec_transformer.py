@@ -17,23 +17,23 @@ weight (0.01) is the criterion's default ``--moe-gate-loss-wt`` already.
 
 from fairseq.models import register_model_architecture
 
+from ..options import set_defaults
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
 
 def _moec_defaults(args, clusters: int, expert_dropout: float) -> None:
-    def default(name, value):
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-
-    default("moe_router", "cosine")
-    default("moe_top_k", 1)
-    default("moe_capacity_factor", 2.0)
-    default("moec_routing_dim", 32)
-    default("moec_clusters", clusters)
-    default("moec_var_coef", 1.0)
-    default("moec_var_type", "cluster")
-    default("moec_expert_dropout", expert_dropout)
-    default("moec_dropout_interval", 250)
+    set_defaults(
+        args,
+        moe_router="cosine",
+        moe_top_k=1,
+        moe_capacity_factor=2.0,
+        moec_routing_dim=32,
+        moec_clusters=clusters,
+        moec_var_coef=1.0,
+        moec_var_type="cluster",
+        moec_expert_dropout=expert_dropout,
+        moec_dropout_interval=250,
+    )
 
 
 @register_model_architecture("moe_transformer", "moec_transformer_tiny")

@@ -18,20 +18,20 @@ still equal the sum of ``--smoe-strata``.
 
 from fairseq.models import register_model_architecture
 
+from ..options import set_defaults
 from ..routers.stratified import parse_strata
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
 
 def _smoe_defaults(args, strata: str) -> None:
-    def default(name, value):
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-
-    default("moe_router", "stratified")
-    default("moe_top_k", 2)
-    default("moe_capacity_factor", 1.0)
-    default("smoe_strata", strata)
-    default("smoe_stratum_layernorm", True)
+    set_defaults(
+        args,
+        moe_router="stratified",
+        moe_top_k=2,
+        moe_capacity_factor=1.0,
+        smoe_strata=strata,
+        smoe_stratum_layernorm=True,
+    )
     # The expert count follows the strata unless given; a mismatch, or strata that
     # do not parse, are refused with the flag named by validate_smoe_args.
     if getattr(args, "moe_expert_count", None) is None:

@@ -1,0 +1,78 @@
+"""SMoE's requested capacity: expert passes per token, counted from the MoE layers'
+stats of a forward, overall, per stratum and per target language.
+
+:func:`capacity_counts` gives integer counts that can be summed over batches and
+ranks (the criterion logs them, ``scripts/expert_load.py`` sums them over a split);
+:func:`capacity_summary` turns summed counts into ratios. Only layers whose router
+makes more than one pass count.
+
+Count keys: ``smoe_tokens`` (routed tokens, summed over layers), ``smoe_passes``
+(token-passes), ``smoe_s<i>_tokens`` (tokens reaching stratum i) and, when the
+batch carries target-language tokens, ``smoe_passes_<lang>`` / ``smoe_tokens_<lang>``.
+"""
+
+import re
+from typing import Dict, List, Optional
+
+from .target_language import target_language_index
+
+_STRATUM_KEY = re.compile(r"smoe_s(\d+)_tokens$")
+_LANG_TOKENS = "smoe_tokens_"
+_LANG_PASSES = "smoe_passes_"
+
+
+def capacity_counts(stats: List, task=None, sample=None) -> Dict[str, int]:
+    """Counts of one forward from the MoE layers' :class:`MoEStats` (empty when no
+    layer is multi-pass). With ``task`` and ``sample``, also per target language."""
+    layers = [s for s in stats if s.pass_tokens is not None and s.pass_tokens.numel() > 1]
+    if not layers:
+        return {}
+    out = {
+        "smoe_tokens": sum(int(s.tokens) for s in layers),
+        "smoe_passes": sum(int(s.expert_passes) for s in layers),
+    }
+    for s in layers:
+        for i, n in enumerate(s.pass_tokens.tolist()):
+            out[f"smoe_s{i}_tokens"] = out.get(f"smoe_s{i}_tokens", 0) + n
+    if task is None or any(s.sentence_passes is None for s in layers):
+        return out
+    found = target_language_index(task, sample)
+    if found is None:
+        return out
+    index, names = found
+    passes = sum(s.sentence_passes for s in layers)
+    tokens = sum(s.sentence_tokens for s in layers)
+    if passes.numel() != index.numel():  # not [batch]-shaped: nothing to attribute
+        return out
+    for i in index.unique().tolist():
+        if i >= 0:
+            rows = index == i
+            out[_LANG_PASSES + names[i]] = int(passes[rows].sum())
+            out[_LANG_TOKENS + names[i]] = int(tokens[rows].sum())
+    return out
+
+
+def capacity_summary(counts: Dict[str, float]) -> Optional[dict]:
+    """Summed counts -> ``{"requested_capacity", "tokens", "stratum_share": [...],
+    "by_target_language": {lang: rc}, "language_tokens": {lang: tokens}}``, or None
+    without multi-pass tokens."""
+    tokens = counts.get("smoe_tokens", 0)
+    if not tokens:
+        return None
+    strata = sorted(int(m.group(1)) for k in counts for m in [_STRATUM_KEY.match(k)] if m)
+    langs = sorted(k[len(_LANG_TOKENS):] for k in counts
+                   if k.startswith(_LANG_TOKENS) and counts[k])
+    return {
+        "requested_capacity": counts["smoe_passes"] / tokens,
+        "tokens": tokens,
+        "stratum_share": [counts[f"smoe_s{i}_tokens"] / tokens for i in strata],
+        "by_target_language": {
+            lang: counts[_LANG_PASSES + lang] / counts[_LANG_TOKENS + lang] for lang in langs
+        },
+        "language_tokens": {lang: counts[_LANG_TOKENS + lang] for lang in langs},
+    }
+
+
+def is_count_key(key: str) -> bool:
+    return key in ("smoe_tokens", "smoe_passes") or bool(
+        _STRATUM_KEY.match(key) or key.startswith((_LANG_TOKENS, _LANG_PASSES)))
