@@ -186,7 +186,9 @@ class MoELayer(nn.Module):
         # Passes each token went through (multi-pass routers only): dynamic capacity.
         stats.token_passes = torch.zeros(T, dtype=torch.long, device=device) if P > 1 else None
         total: Optional[Tensor] = None
-        due: Optional[Tensor] = None  # [T] pass each token is routed at next
+        # [T] pass at which each token is routed next (>= P: done); None until a
+        # multi-pass router's first pass says where its tokens go.
+        due: Optional[Tensor] = None
         losses: Dict[str, list] = {}
         routed_passes = 0  # passes with at least one token: the losses' denominator
         for pass_index in range(P):
@@ -215,19 +217,16 @@ class MoELayer(nn.Module):
             y_all = y if pos is None else scatter_rows(y, pos, T)
             total = y_all if total is None else total + y_all
             if routing.next_pass is not None:
-                if due is None:
-                    due = torch.full((T,), P, dtype=torch.long, device=device)
                 next_pass = routing.next_pass.to(torch.long)
                 if bool((next_pass <= pass_index).any()):
                     raise RuntimeError(
                         f"{type(self.router).__name__} sent a token from pass {pass_index} "
                         "back to an earlier or the same pass"
                     )
-                due = due.index_copy(0, torch.arange(T, device=device) if pos is None else pos,
-                                     next_pass)
+                due = next_pass if pos is None else due.index_copy(0, pos, next_pass)
                 if pass_index + 1 < P:
                     stream = stream + y_all
-            elif due is not None:
+            elif pos is not None:  # these tokens are done
                 due = due.index_fill(0, pos, P)
         stats.losses = {
             name: torch.stack(v).sum() / max(routed_passes, 1) for name, v in losses.items()

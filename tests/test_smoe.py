@@ -316,3 +316,19 @@ def test_stratum_layernorm_flag():
     assert torch.equal(with_norm.pass_input(h, 0), h)  # stratum 0: the layer's own norm
     # Gates: stratum i scores its visible experts only.
     assert [g.wg.weight.shape[0] for g in with_norm.gates] == [16, 12]
+
+
+def test_a_router_sending_tokens_back_is_an_error():
+    from moe_fairseq.routers.base import Router, Routing
+
+    class Backwards(Router):
+        num_experts, num_passes = 2, 2
+
+        def route(self, x, pass_index=0):
+            T = x.size(0)
+            return Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), None,
+                           next_pass=torch.full((T,), pass_index, dtype=torch.long))
+
+    layer = MoELayer(Backwards(), ExpertBank(2, D, F_DIM))
+    with pytest.raises(RuntimeError, match="sent a token from pass 0 back"):
+        layer(torch.randn(3, D))
