@@ -441,6 +441,13 @@ def case_stratified(rank, world, drops, sizes=None, seed=0, rank0_exits_first=Fa
     assert_matches(out, got, ref_out, ref_grads, rank)
     if drops:
         assert dropped > 0
+    # The routing losses average over the strata this rank had tokens at: passes it
+    # ran empty for its peers' sake do not count (the 1-process layer skips them).
+    ref(batches[rank])
+    assert ep.stats.losses.keys() == ref.stats.losses.keys() == {"balance", "z"}
+    for name, value in ep.stats.losses.items():
+        torch.testing.assert_close(value.detach(), ref.stats.losses[name].detach(),
+                                   rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n} loss: {m}")
     pass_tokens = ep.stats.pass_tokens.tolist()
     if rank0_exits_first and rank == 0:
         assert pass_tokens == [sizes[0], 0, 0]
