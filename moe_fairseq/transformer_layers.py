@@ -38,15 +38,12 @@ class _MoEBlock:
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        mask = _seq_major(padding_mask)
-        x = self.moe(x, mask, residual=residual)
+        x = self.moe(x, _seq_major(padding_mask), residual=residual)
         stats = self.moe.stats
         if stats.token_passes is not None:
+            # Every routed token makes at least one pass and padding none.
             stats.sentence_passes = stats.token_passes.sum(0)
-            stats.sentence_tokens = (
-                torch.full_like(stats.sentence_passes, x.size(0)) if mask is None
-                else (~mask.to(torch.bool)).sum(0)
-            )
+            stats.sentence_tokens = (stats.token_passes > 0).sum(0)
         x = self.residual_connection(self.dropout_module(x), residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
