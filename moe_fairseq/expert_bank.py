@@ -6,6 +6,10 @@ matrix in a single ``torch._grouped_mm`` call on GPUs where the dtype and shapes
 support it, and through a loop of per-expert ``addmm`` over contiguous slices
 elsewhere (always on CPU, where it is faster), which wastes no FLOPs on padding.
 
+With ``sublayers = N > 1`` each expert is instead N post-LN residual FFN
+sublayers applied in sequence (the MoEC authors' ``--moe-sublayers`` experts),
+with parameters stacked ``[E, N, ...]``; see :class:`ExpertBank`.
+
 Every parameter carries ``param.expert = True`` so data-parallel gradient
 averaging can leave experts out when they are sharded across ranks.
 """
@@ -18,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq import utils
+
+LN_EPS = 1e-5  # LayerNorm eps of the sublayers (fairseq's LayerNorm default)
 
 _GROUPED_MM_OK: Dict[Tuple[str, torch.dtype, int, int], bool] = {}
 
@@ -48,7 +54,20 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d: int, f: in
 
 
 class ExpertBank(nn.Module):
-    """E two-layer FFNs: ``y = W2_e act(W1_e x + b1_e) + b2_e``."""
+    """E expert FFNs run together.
+
+    ``sublayers == 1`` (default): two-layer FFNs ``y = W2_e act(W1_e x + b1_e) + b2_e``,
+    parameters ``w1 [E, d, f]``, ``b1 [E, f]``, ``w2 [E, f, d]``, ``b2 [E, d]``.
+
+    ``sublayers = N > 1``: expert e applies N post-LN residual sublayers in turn,
+    for n = 0 .. N-1::
+
+        x <- LayerNorm_{e,n}(x + W2_{e,n} act(W1_{e,n} x + b1_{e,n}) + b2_{e,n})
+
+    with parameters ``w1 [E, N, d, f]``, ``b1 [E, N, f]``, ``w2 [E, N, f, d]``,
+    ``b2 [E, N, d]``, ``ln_weight [E, N, d]``, ``ln_bias [E, N, d]`` (LayerNorm over
+    d, eps ``LN_EPS``). Dim 0 is always the expert dim.
+    """
 
     def __init__(
         self,
@@ -57,17 +76,31 @@ class ExpertBank(nn.Module):
         ffn_dim: int,
         activation_fn: str = "relu",
         activation_dropout: float = 0.0,
+        sublayers: int = 1,
     ):
         super().__init__()
+        if sublayers < 1:
+            raise ValueError(f"sublayers must be >= 1, got {sublayers}")
         self.num_experts = num_experts
         self.embed_dim = embed_dim
         self.ffn_dim = ffn_dim
+        self.sublayers = sublayers
         self.activation_fn = utils.get_activation_fn(activation_fn)
         self.activation_dropout = activation_dropout
-        self.w1 = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
-        self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, embed_dim))
+        if sublayers == 1:
+            # The original layout: keeps old checkpoints loadable.
+            self.w1 = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
+            self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
+            self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
+            self.b2 = nn.Parameter(torch.empty(num_experts, embed_dim))
+        else:
+            E, N = num_experts, sublayers
+            self.w1 = nn.Parameter(torch.empty(E, N, embed_dim, ffn_dim))
+            self.b1 = nn.Parameter(torch.empty(E, N, ffn_dim))
+            self.w2 = nn.Parameter(torch.empty(E, N, ffn_dim, embed_dim))
+            self.b2 = nn.Parameter(torch.empty(E, N, embed_dim))
+            self.ln_weight = nn.Parameter(torch.empty(E, N, embed_dim))
+            self.ln_bias = nn.Parameter(torch.empty(E, N, embed_dim))
         for p in self.parameters():
             p.expert = True
         self.reset_parameters()
@@ -77,6 +110,13 @@ class ExpertBank(nn.Module):
         # of num_shards * E_l experts in all (E_l = self.num_experts).
         self.shard_rank = 0
         self.num_shards = 1
+
+    def extra_repr(self) -> str:
+        s = (f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, "
+             f"ffn_dim={self.ffn_dim}, sublayers={self.sublayers}")
+        if self.num_shards > 1:
+            s += f", shard={self.shard_rank}/{self.num_shards}"
+        return s
 
     def keep_shard(self, rank: int, world: int) -> "ExpertBank":
         """Keep only this rank's contiguous block of ``E / world`` experts.
@@ -88,7 +128,8 @@ class ExpertBank(nn.Module):
             raise ValueError(f"{self.num_experts} experts cannot be split over {world} ranks")
         local = self.num_experts // world
         lo = rank * local
-        for name in ("w1", "b1", "w2", "b2"):
+        # Every parameter has the expert dim first, whatever the layout.
+        for name in list(self._parameters):
             p = nn.Parameter(getattr(self, name).data[lo:lo + local].clone())
             p.expert = True
             p.expert_shard = (rank, world)
@@ -100,7 +141,7 @@ class ExpertBank(nn.Module):
         # Checkpoints always hold every expert (consolidated at save time):
         # a sharded bank takes its own block, whatever world size wrote them.
         if self.num_shards > 1:
-            for name in ("w1", "b1", "w2", "b2"):
+            for name in self._parameters:
                 key = prefix + name
                 full = state_dict.get(key)
                 if full is not None and full.size(0) == self.num_experts * self.num_shards:
@@ -110,10 +151,23 @@ class ExpertBank(nn.Module):
 
     def reset_parameters(self):
         # Each expert starts like fairseq's nn.Linear fc1/fc2: U(-1/sqrt(fan_in), +).
-        for w, b, fan_in in ((self.w1, self.b1, self.embed_dim), (self.w2, self.b2, self.ffn_dim)):
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+        if self.sublayers == 1:
+            for w, b, fan_in in ((self.w1, self.b1, self.embed_dim),
+                                 (self.w2, self.b2, self.ffn_dim)):
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.uniform_(b, -bound, bound)
+            return
+        # MoEC sublayers: fc1 and fc2's bias as nn.Linear, fc2's weight zero (each
+        # sublayer starts as LN(x + b2)), LN affine the identity. w2 draws no numbers.
+        bound1 = 1.0 / math.sqrt(self.embed_dim)
+        nn.init.uniform_(self.w1, -bound1, bound1)
+        nn.init.uniform_(self.b1, -bound1, bound1)
+        nn.init.zeros_(self.w2)
+        bound2 = 1.0 / math.sqrt(self.ffn_dim)
+        nn.init.uniform_(self.b2, -bound2, bound2)
+        nn.init.ones_(self.ln_weight)
+        nn.init.zeros_(self.ln_bias)
 
     def _act(self, h: Tensor) -> Tensor:
         h = self.activation_fn(h)
@@ -132,6 +186,8 @@ class ExpertBank(nn.Module):
 
     def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """rows ``[N, d]`` grouped by expert, group_sizes ``[E]`` (sum N) -> ``[N, d]``."""
+        if self.sublayers > 1:
+            return self._forward_sublayers(rows, group_sizes)
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         if rows.dtype != w1.dtype:
             w1, b1, w2, b2 = (p.to(rows.dtype) for p in (w1, b1, w2, b2))
@@ -159,4 +215,50 @@ class ExpertBank(nn.Module):
             return rows.new_zeros(0, self.embed_dim) + 0.0 * (
                 w1.sum() + b1.sum() + w2.sum() + b2.sum()
             )
+        return torch.cat(outs, dim=0)
+
+    def _forward_sublayers(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
+        """Experts of ``sublayers > 1`` post-LN sublayers.
+
+        rows ``[N_rows, d]`` grouped by expert, group_sizes ``[E]`` int64 (sum N_rows)
+        -> ``[N_rows, d]``.
+        """
+        names = ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias")
+        params = [getattr(self, name) for name in names]
+        if rows.dtype != params[0].dtype:
+            params = [p.to(rows.dtype) for p in params]
+        w1, b1, w2, b2, ln_w, ln_b = params
+        d = self.embed_dim
+        if self.use_grouped_mm(rows):
+            offs = torch.cumsum(group_sizes, 0).to(torch.int32)
+            n_rows = rows.size(0)
+
+            def per_row(p: Tensor) -> Tensor:
+                # [E, k] -> [N_rows, k]: each row gets its expert's vector.
+                return p.repeat_interleave(group_sizes, dim=0, output_size=n_rows)
+
+            x = rows
+            for n in range(self.sublayers):
+                # grouped_mm wants each [E, d, f] weight contiguous.
+                h = torch._grouped_mm(x, w1[:, n].contiguous(), offs=offs) + per_row(b1[:, n])
+                h = self._act(h)
+                y = torch._grouped_mm(h, w2[:, n].contiguous(), offs=offs) + per_row(b2[:, n])
+                # LayerNorm's affine differs per expert: normalise, then apply it per row.
+                x = F.layer_norm(x + y, (d,), eps=LN_EPS)
+                x = x * per_row(ln_w[:, n]) + per_row(ln_b[:, n])
+            return x
+        outs = []
+        # unbind once (see forward): per-expert [N, ...] views, then per sublayer.
+        per_expert = zip(torch.split(rows, group_sizes.tolist()), *(p.unbind(0) for p in params))
+        for chunk, *expert_params in per_expert:
+            if chunk.size(0) == 0:
+                continue
+            x = chunk
+            for w1n, b1n, w2n, b2n, gn, bn in zip(*(p.unbind(0) for p in expert_params)):
+                h = self._act(torch.addmm(b1n, x, w1n))
+                x = F.layer_norm(x + torch.addmm(b2n, h, w2n), (d,), gn, bn, LN_EPS)
+            outs.append(x)
+        if not outs:
+            # As in forward: every parameter stays in the graph.
+            return rows.new_zeros(0, d) + 0.0 * sum(p.sum() for p in params)
         return torch.cat(outs, dim=0)

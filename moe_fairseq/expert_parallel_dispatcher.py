@@ -59,7 +59,8 @@ def _check_divisible(num_experts: int, world: int) -> int:
     return num_experts // world
 
 
-@dataclass
+# kw_only: its fields follow DispatchPlan's defaulted ones.
+@dataclass(kw_only=True)
 class ExpertParallelPlan(DispatchPlan):
     """A :class:`DispatchPlan` of this rank's tokens plus where their rows travel.
 
@@ -193,6 +194,7 @@ def build_local_expert_bank(
     world_size: int,
     activation_fn: str = "relu",
     activation_dropout: float = 0.0,
+    sublayers: int = 1,
 ) -> ExpertBank:
     """This rank's bank of ``num_experts / world_size`` experts.
 
@@ -209,6 +211,7 @@ def build_local_expert_bank(
         ffn_dim,
         activation_fn=activation_fn,
         activation_dropout=activation_dropout,
+        sublayers=sublayers,
     )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a group of {world_size} ranks")
