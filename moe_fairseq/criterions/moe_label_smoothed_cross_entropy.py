@@ -1,16 +1,26 @@
 """``moe_label_smoothed_cross_entropy``: label-smoothed CE plus the MoE routing losses.
 
-loss = CE_ls + sample_size * (gate_wt * sum_layers gate_loss + z_wt * sum_layers z_loss)
+loss = CE_ls + sample_size * (gate_wt * combine_layers gate_loss + z_wt * combine_layers z_loss)
 
 A layer's gate loss is the sum of its router's losses other than ``z`` (the
 balance loss for the linear router; methods such as MoEC add terms of their own,
-each also logged: ``moe_balance_loss``, ``moec_var_loss``). The routing losses are batch means, so
-they are scaled by ``sample_size`` to keep their weight independent of how fairseq
-normalizes the summed CE.
+e.g. ``moec_var``). ``--moe-gate-loss-combine-method`` (fairseq MoE branch
+spelling) combines the layers' gate losses, and likewise their z-losses:
+``average`` (the default, as fairseq's MoE criterion: the mean over the MoE
+layers that ran in this forward) or ``sum``. The default is ``None`` on the
+command line, meaning ``average``, so that an architecture preset can choose
+(the MoEC presets use ``sum``, the MoEC authors' recipe). The routing losses are
+batch means, so they are scaled by ``sample_size`` to keep their weight
+independent of how fairseq normalizes the summed CE.
 
-Logged (aggregated over MoE layers; all logging outputs can be summed):
-``moe_gate_loss``, ``moe_z_loss``, one key per routing loss (sums over layers, mean
-over batches), ``moe_overflow`` (dropped / requested token-expert assignments),
+Logged (all logging outputs can be summed; losses are per-batch values, shown
+as their mean over batches):
+``moe_gate_loss`` (exactly what ``--moe-gate-loss-wt`` multiplies),
+``moe_z_loss`` (exactly what ``--moe-router-z-loss-wt`` multiplies), one key per
+method-specific routing loss (``moec_var`` -> ``moec_var_loss``; any loss named
+``moec_*``/``smoe_*`` -> ``<name>_loss``), combined over layers the same way and
+included in ``moe_gate_loss`` (so ``moe_gate_loss - moec_var_loss`` is the
+balance part), ``moe_overflow`` (dropped / requested token-expert assignments),
 ``moe_load_cv`` (mean over layers of the coefficient of variation of expert
 load), ``moe_starved_experts`` (mean over layers of the share of experts given
 less than 10% of their fair share: MoEC's "sparse data allocation"),
@@ -27,7 +37,7 @@ sentences translated into ``<lang>`` (encoder and decoder tokens together).
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 from fairseq import metrics, utils
@@ -46,11 +56,20 @@ from ..requested_capacity import capacity_counts, capacity_summary, is_count_key
 class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     moe_gate_loss_wt: float = field(
         default=0.01,
-        metadata={"help": "weight of the gate (load-balancing) loss, summed over MoE layers"},
+        metadata={"help": "weight of the gate loss (load balancing plus method-specific "
+                          "routing losses), combined over MoE layers by "
+                          "--moe-gate-loss-combine-method"},
+    )
+    moe_gate_loss_combine_method: Optional[str] = field(
+        default=None,
+        metadata={"help": "how the MoE layers' gate losses and z-losses are combined: "
+                          "average (mean over the layers that ran) or sum "
+                          "(default average, as fairseq's MoE criterion; moec presets: sum)"},
     )
     moe_router_z_loss_wt: float = field(
         default=0.0,
-        metadata={"help": "weight of the router z-loss (ST-MoE), summed over MoE layers"},
+        metadata={"help": "weight of the router z-loss (ST-MoE), combined over MoE layers "
+                          "by --moe-gate-loss-combine-method"},
     )
     moe_log_per_layer: bool = field(
         default=False,
@@ -60,14 +79,45 @@ class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfi
     )
 
 
-# Method-specific losses carry their method's flag prefix (moec_var -> moec_var_loss);
-# the common ones get "moe_" (balance -> moe_balance_loss, z -> moe_z_loss).
+COMBINE_METHODS = ("average", "sum")
+DEFAULT_COMBINE_METHOD = "average"  # fairseq's MoE criterion
+
+# Method-specific losses carry their method's flag prefix and are logged on their
+# own (moec_var -> moec_var_loss); the common ones are only logged inside
+# moe_gate_loss (balance) or as moe_z_loss (z).
 METHOD_PREFIXES = ("moec_", "smoe_")
 LOSS_LOG_PREFIXES = ("moe_",) + METHOD_PREFIXES
 
 
-def loss_log_key(name: str) -> str:
-    return f"{name}_loss" if name.startswith(METHOD_PREFIXES) else f"moe_{name}_loss"
+def loss_log_key(name: str) -> Optional[str]:
+    """Logged key of a method-specific routing loss; None for the common ones."""
+    return f"{name}_loss" if name.startswith(METHOD_PREFIXES) else None
+
+
+def resolve_combine_method(method: Optional[str]) -> str:
+    """``--moe-gate-loss-combine-method``: None means average; anything else is refused."""
+    if method is None:
+        return DEFAULT_COMBINE_METHOD
+    if method not in COMBINE_METHODS:
+        raise MoEConfigError(
+            f"--moe-gate-loss-combine-method must be one of {list(COMBINE_METHODS)}, "
+            f"got {method!r}"
+        )
+    return method
+
+
+def combine_layer_losses(stats: List[MoEStats], names, method: str):
+    """Sum over layers of the losses whose name passes ``names`` (a predicate),
+    divided by the number of layers (all of ``stats``) for ``average``.
+    A tensor when some layer has such a loss, else 0.0."""
+    total = 0.0
+    for s in stats:
+        for name, value in s.losses.items():
+            if names(name):
+                total = total + value
+    if method == "average" and stats:
+        total = total / len(stats)
+    return total
 
 
 def moe_layer_stats(model) -> List[MoEStats]:
@@ -79,8 +129,9 @@ def moe_layer_stats(model) -> List[MoEStats]:
 class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
                  report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0,
-                 moe_log_per_layer=False):
+                 moe_log_per_layer=False, moe_gate_loss_combine_method=None):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.combine_method = resolve_combine_method(moe_gate_loss_combine_method)
         if moe_gate_loss_wt < 0:
             raise MoEConfigError(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
         if moe_router_z_loss_wt < 0:
@@ -98,15 +149,15 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
         stats = moe_layer_stats(model)
-        moe_logs = self.moe_logging_output(stats)
+        moe_logs = self.moe_logging_output(stats, self.combine_method)
         moe_logs.update(capacity_counts(stats, self.task, sample))
         if self.log_per_layer:
             for i, s in enumerate(stats):
                 moe_logs[f"moe_l{i}_load_cv"] = float(s.load_cv)
                 moe_logs[f"moe_l{i}_starved"] = float(s.starved_fraction)
         if stats:
-            gate = sum(v for s in stats for k, v in s.losses.items() if k != "z")
-            z = sum(s.losses["z"] for s in stats if "z" in s.losses)
+            gate = combine_layer_losses(stats, lambda k: k != "z", self.combine_method)
+            z = combine_layer_losses(stats, lambda k: k == "z", self.combine_method)
             loss = loss + sample_size * (self.gate_loss_wt * gate + self.z_loss_wt * z)
 
         logging_output = {
@@ -124,19 +175,27 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         return loss, sample_size, logging_output
 
     @staticmethod
-    def moe_logging_output(stats: List[MoEStats]) -> Dict[str, float]:
-        """Summable per-batch MoE numbers; empty for a model without MoE layers."""
+    def moe_logging_output(stats: List[MoEStats],
+                           combine_method: str = DEFAULT_COMBINE_METHOD) -> Dict[str, float]:
+        """Summable per-batch MoE numbers; empty for a model without MoE layers.
+        Each loss is combined over layers with ``combine_method``, as in the loss."""
         if not stats:
             return {}
+        combine_method = resolve_combine_method(combine_method)
+
+        def combined(names) -> float:
+            value = combine_layer_losses(stats, names, combine_method)
+            return float(value.detach()) if hasattr(value, "detach") else float(value)
+
         out: Dict[str, float] = {"moe_batches": 1, "moe_layers": len(stats)}
         names = sorted({k for s in stats for k in s.losses})
-        gate = 0.0
+        out["moe_gate_loss"] = combined(lambda k: k != "z")
+        if "z" in names:
+            out["moe_z_loss"] = combined(lambda k: k == "z")
         for name in names:
-            value = sum(float(s.losses[name].detach()) for s in stats if name in s.losses)
-            out[loss_log_key(name)] = value
-            if name != "z":
-                gate += value
-        out["moe_gate_loss"] = gate
+            key = loss_log_key(name)
+            if key is not None:
+                out[key] = combined(lambda k, name=name: k == name)
         out["moe_assignments"] = sum(int(s.assignments) for s in stats)
         out["moe_dropped"] = sum(int(s.dropped) for s in stats)
         out["moe_load_cv_sum"] = sum(float(s.load_cv) for s in stats)
