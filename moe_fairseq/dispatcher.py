@@ -16,7 +16,7 @@ nothing (the token's residual passes through the transformer layer).
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
@@ -74,6 +74,9 @@ class DispatchPlan:
     assignment_index: Tensor  # [N] int64, flat priority index j * T + t of each row
     num_tokens: int
     num_slots: int  # k, slots per token
+    # [T] fp32, weight of each token's own vector in its output (Routing.mix_input):
+    # 1 - the sum of its kept gates; None when the router does not mix.
+    input_weight: Optional[Tensor] = None
 
     @property
     def token_index(self) -> Tensor:
@@ -120,6 +123,13 @@ class SortDispatcher:
             group_sizes = requested
         kept = order[keep]
         row_gates = gates.t().reshape(-1)[kept]
+        kept_sum = None
+        if routing.normalize_after_drop or routing.mix_input:
+            kept_sum = scatter_rows(row_gates.unsqueeze(1), kept, num_tokens, k).squeeze(1)  # [T]
+        if routing.normalize_after_drop:
+            denom = kept_sum.clamp_min(torch.finfo(kept_sum.dtype).eps)
+            row_gates = row_gates / denom[kept % max(num_tokens, 1)]
+            kept_sum = kept_sum / denom
         return DispatchPlan(
             row_gates=row_gates,
             group_sizes=group_sizes,
@@ -127,6 +137,7 @@ class SortDispatcher:
             assignment_index=kept,
             num_tokens=num_tokens,
             num_slots=k,
+            input_weight=(1.0 - kept_sum) if routing.mix_input else None,
         )
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tuple[Tensor, Tensor]:

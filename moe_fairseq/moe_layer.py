@@ -125,11 +125,19 @@ class MoELayer(nn.Module):
     def reset_expert_load(self) -> None:
         self.expert_load_total.zero_()
 
+    @property
+    def returns_block_output(self) -> bool:
+        """True when the layer's output is the transformer block's whole output
+        (a ``stream_output`` router): the block then adds no residual, dropout or
+        norm of its own."""
+        return bool(getattr(self.router, "stream_output", False))
+
     def forward(
         self,
         x: Tensor,
         padding_mask: Optional[Tensor] = None,
         residual: Optional[Tensor] = None,
+        dropout: Optional[nn.Module] = None,
     ) -> Tensor:
         """x ``[..., d]``, padding_mask ``[...]`` (True = padding) -> ``[..., d]``.
 
@@ -137,29 +145,34 @@ class MoELayer(nn.Module):
         routing losses and get a zero output. ``residual`` ``[..., d]`` is what the
         caller adds the output to (default ``x``); multi-pass routers continue
         from ``residual + y`` (see :class:`~moe_fairseq.routers.base.Router`).
+        ``dropout``: applied to each pass's output before it joins the stream,
+        only when the layer returns the block output (``returns_block_output``);
+        otherwise the caller drops out the returned sum.
         """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         stream = None
-        if self.router.num_passes > 1:
+        if self.router.num_passes > 1 or self.returns_block_output:
             stream = flat if residual is None else residual.reshape(-1, shape[-1])
         if padding_mask is not None:
             token_pos = (~padding_mask.reshape(-1).to(torch.bool)).nonzero().squeeze(1)
             if stream is not None:
                 stream = gather_rows(stream, token_pos)
-            out = self._route_and_compute(gather_rows(flat, token_pos), stream)
+            out = self._route_and_compute(gather_rows(flat, token_pos), stream, dropout)
             out = scatter_rows(out, token_pos, flat.size(0))
             if self.stats.token_passes is not None:
                 passes = self.stats.token_passes.new_zeros(flat.size(0))
                 self.stats.token_passes = passes.index_copy(0, token_pos, self.stats.token_passes)
         else:
-            out = self._route_and_compute(flat, stream)
+            out = self._route_and_compute(flat, stream, dropout)
         if self.stats.token_passes is not None:
             self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
         return out.reshape(shape)
 
-    def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None) -> Tensor:
-        """tokens ``[T, d]`` -> sum over passes of the gated expert outputs ``[T, d]``.
+    def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None,
+                           dropout: Optional[nn.Module] = None) -> Tensor:
+        """tokens ``[T, d]`` -> sum over passes of the gated expert outputs ``[T, d]``
+        (or, for a ``stream_output`` router, the block output ``[T, d]``).
 
         ``stream`` ``[T, d]``: the tokens' residual streams, for multi-pass routers.
         """
@@ -181,7 +194,9 @@ class MoELayer(nn.Module):
         # A collective dispatcher must run every pass on every rank, even a pass
         # with no local token, or the ranks' all-to-alls would not pair up.
         run_empty_passes = getattr(self.dispatcher, "collective", False)
-        if P > 1 and stream is None:
+        stream_output = self.returns_block_output
+        track_stream = P > 1 or stream_output
+        if track_stream and stream is None:
             stream = tokens
         # Passes each token went through (multi-pass routers only): dynamic capacity.
         stats.token_passes = torch.zeros(T, dtype=torch.long, device=device) if P > 1 else None
@@ -193,19 +208,25 @@ class MoELayer(nn.Module):
         routed_passes = 0  # passes with at least one token: the losses' denominator
         for pass_index in range(P):
             if pass_index == 0:
-                pos, h = None, tokens
+                pos, h, s = None, tokens, stream
             else:
                 if due is None:
                     break
                 pos = (due == pass_index).nonzero().squeeze(1)
                 if pos.numel() == 0 and not run_empty_passes:
                     continue
-                h = self.router.pass_input(gather_rows(stream, pos), pass_index)
+                s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
+                h = self.router.pass_input(s, pass_index)
             routing = self.router(h, pass_index)
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)
             y = self.dispatcher.combine(rows, plan)  # [T_pass, d]
+            if plan.input_weight is not None:
+                # Output mixing: the token's own vector fills the unused gate mass.
+                y = y + plan.input_weight.to(y.dtype).unsqueeze(1) * h
+            if stream_output and dropout is not None:
+                y = dropout(y)
 
             # Empty passes add their (zero, graph-connected) losses but do not
             # count, so a rank's losses do not depend on how many ranks there are.
@@ -214,8 +235,11 @@ class MoELayer(nn.Module):
                 losses.setdefault(name, []).append(value)
             stats.record_pass(pass_index, routing, plan, pos)
 
-            y_all = y if pos is None else scatter_rows(y, pos, T)
-            total = y_all if total is None else total + y_all
+            if not stream_output:
+                y_all = y if pos is None else scatter_rows(y, pos, T)
+                total = y_all if total is None else total + y_all
+            if track_stream:
+                stream = s + y if pos is None else stream.index_copy(0, pos, s + y)
             if routing.next_pass is not None:
                 next_pass = routing.next_pass.to(torch.long)
                 if bool((next_pass <= pass_index).any()):
@@ -224,8 +248,6 @@ class MoELayer(nn.Module):
                         "back to an earlier or the same pass"
                     )
                 due = next_pass if pos is None else due.index_copy(0, pos, next_pass)
-                if pass_index + 1 < P:
-                    stream = stream + y_all
             elif pos is not None:  # these tokens are done
                 due = due.index_fill(0, pos, P)
         stats.losses = {
@@ -233,7 +255,7 @@ class MoELayer(nn.Module):
         }
         self.expert_load_total += stats.expert_load.detach()
         self.stats = stats
-        return total
+        return self.router.finish_stream(stream) if stream_output else total
 
 
 def build_moe_layer(
@@ -251,12 +273,12 @@ def build_moe_layer(
     router = build_router(options, embed_dim)
     ffn_dim = options.expert_ffn_dim or ffn_dim
     group, rank, world = expert_parallel_group()
+    bank_kwargs = dict(activation_fn=activation_fn, activation_dropout=activation_dropout,
+                       sublayers=options.expert_sublayers)
     if world == 1:
-        experts = ExpertBank(options.expert_count, embed_dim, ffn_dim,
-                             activation_fn=activation_fn, activation_dropout=activation_dropout)
+        experts = ExpertBank(options.expert_count, embed_dim, ffn_dim, **bank_kwargs)
         return MoELayer(router, experts)
     experts = build_local_expert_bank(options.expert_count, embed_dim, ffn_dim, rank, world,
-                                      activation_fn=activation_fn,
-                                      activation_dropout=activation_dropout)
+                                      **bank_kwargs)
     scale_expert_grads(experts.parameters(), world)
     return MoELayer(router, experts, AllToAllDispatcher(options.expert_count, group))

@@ -8,13 +8,14 @@ Flags are spelled as in fairseq's MoE branch (``--moe-expert-count``, ``--moe-fr
 
 import argparse
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from .routers import ROUTERS
+from .routers.base import CAPACITY_RULES
 from .routers.cosine import VAR_TYPES as MOEC_VAR_TYPES
 from .routers.cosine import kept_per_cluster
-from .routers.stratified import parse_strata
-from .routers.top_k import SECOND_EXPERT_POLICIES
+from .routers.stratified import STRATUM_NORMS, parse_strata
+from .routers.top_k import EVAL_SECOND_EXPERT_POLICIES, SECOND_EXPERT_POLICIES
 
 
 class MoEConfigError(ValueError):
@@ -33,17 +34,45 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-router", type=str, metavar="NAME",
                        help=f"routing method, one of {sorted(ROUTERS)}; default linear")
     group.add_argument("--moe-capacity-factor", type=float, metavar="C",
-                       help="training capacity per expert = ceil(C * k * tokens / E); "
-                            "assignments past it are dropped and the token's residual "
-                            "passes through (default 1.0)")
+                       help="training capacity per expert, by --moe-capacity-rule (default "
+                            "ceil(C * k * tokens / E)); assignments past it are dropped and "
+                            "the token's residual passes through (default 1.0)")
+    group.add_argument("--moe-capacity-rule", type=str, metavar="RULE",
+                       help=f"training capacity rule, one of {list(CAPACITY_RULES)}: joint = "
+                            "ceil(C*k*T/E) (default), per-slot = k*ceil(C*T/E) (fairseq's "
+                            "top2gating, the SMoE authors; smoe presets), tokens = int(C*T) "
+                            "(the MoEC authors; moec presets)")
     group.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
                        help="inference capacity per expert = ceil(F * tokens); 1.0 or -1 "
                             "never drops (default 1.0)")
     group.add_argument("--moe-second-expert-policy", type=str, metavar="P",
                        help=f"top-2 second expert in training: one of {list(SECOND_EXPERT_POLICIES)} "
-                            "(default sampling); inference always uses the second-best expert")
-    group.add_argument("--moe-normalize-gates", action="store_true", default=None,
-                       help="renormalize the top-2 gate weights of a token to sum to 1")
+                            "(default sampling)")
+    group.add_argument("--moe-eval-second-expert-policy", type=str, metavar="P",
+                       help=f"top-2 second expert at inference: one of "
+                            f"{list(EVAL_SECOND_EXPERT_POLICIES)}; default all (the second-best, "
+                            "deterministic); sampling = Gumbel-sampled as in fairseq's "
+                            "top2gating and the SMoE authors' code")
+    group.add_argument("--moe-normalize-gates", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="top-2: renormalize a token's gate weights to sum to 1 after "
+                            "capacity dropping (fairseq's rule; default on for top-2; "
+                            "--no-moe-normalize-gates keeps the raw softmax probabilities)")
+    group.add_argument("--moe-normalize-gate-prob-before-dropping", action="store_true",
+                       default=None,
+                       help="renormalize the top-2 gates before capacity dropping instead of after")
+    group.add_argument("--moe-output-dropout", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="apply the layer's --dropout to the MoE block's output before the "
+                            "residual, as fairseq does for every FFN (default on; the MoEC "
+                            "authors' layer does not: moec presets off)")
+    group.add_argument("--moe-encoder-layers", type=str, metavar="I1,I2,...",
+                       help="1-based encoder layers that are MoE (overrides --moe-freq for "
+                            "the encoder), e.g. 4; moec base/big presets: 4, the authors' "
+                            "0-based --encoder-moe-layers 3")
+    group.add_argument("--moe-decoder-layers", type=str, metavar="I1,I2,...",
+                       help="1-based decoder layers that are MoE (overrides --moe-freq for "
+                            "the decoder)")
     group.add_argument("--moe-jitter-eps", type=float, metavar="EPS",
                        help="training only: multiply the router input by U(1-EPS, 1+EPS) "
                             "(Switch jitter; default 0)")
@@ -75,6 +104,15 @@ def add_moec_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moec-dropout-interval", type=int, metavar="N",
                        help="draw a new set of kept experts every N training forward "
                             "calls (default 1; moec presets 250, the authors' recipe)")
+    group.add_argument("--moec-output-mixing", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="output a*FFN_e(x) + (1-a)*x with a = sigmoid(cos/tau) of the chosen "
+                            "expert, x for a token dropped for capacity (the authors' layer; "
+                            "moec presets on, needs --moe-top-k 1; default off)")
+    group.add_argument("--moec-expert-sublayers", type=int, metavar="N",
+                       help="each expert is N stacked sublayers LN(x + FFN(x)) with the "
+                            "second FFN matrix zero-initialised (the authors' --moe-sublayers; "
+                            "moec base/big presets 3; default 1 = a plain FFN); any router")
 
 
 def add_smoe_args(parser: argparse.ArgumentParser) -> None:
@@ -85,11 +123,12 @@ def add_smoe_args(parser: argparse.ArgumentParser) -> None:
                             "a token at stratum i picks its top-k among strata i.., moves on "
                             "to (stratum of its top-1 expert)+1 and leaves after the last "
                             "(smoe presets: tiny 2,2; base 2,2,2,2; big 4,12)")
-    group.add_argument("--smoe-stratum-layernorm", action=argparse.BooleanOptionalAction,
-                       default=None,
-                       help="a LayerNorm on the tokens entering each stratum after the "
-                            "first (default on, as in the paper; --no-smoe-stratum-layernorm "
-                            "feeds the raw residual stream)")
+    group.add_argument("--smoe-stratum-norm", type=str, metavar="MODE",
+                       help=f"one of {list(STRATUM_NORMS)}: post-ln (default, the authors' "
+                            "--hmoe-layernorm 1) = a stratum i>=1 continues from LN(stream) and "
+                            "the block outputs LN(final stream); gate-input = LN only on what "
+                            "strata i>=1 route, the stream stays raw; none = no LayerNorm "
+                            "(--hmoe-layernorm 0)")
 
 
 def set_defaults(args: argparse.Namespace, **values) -> None:
@@ -99,8 +138,35 @@ def set_defaults(args: argparse.Namespace, **values) -> None:
             setattr(args, name, value)
 
 
+def upgrade_old_args(args: argparse.Namespace) -> bool:
+    """Checkpoints written before the fidelity flags existed keep their behaviour.
+
+    A namespace that has MoE flags but lacks ``moe_capacity_rule`` comes from such
+    a checkpoint (a new command line always holds every flag, maybe as None).
+    Returns True when it upgraded one.
+    """
+    if getattr(args, "moe_expert_count", None) is None or hasattr(args, "moe_capacity_rule"):
+        return False
+    normalize = bool(getattr(args, "moe_normalize_gates", False))
+    args.moe_normalize_gates = normalize
+    args.moe_normalize_gate_prob_before_dropping = normalize
+    args.moe_capacity_rule = "joint"
+    args.moe_eval_second_expert_policy = "all"
+    args.moec_output_mixing = False
+    args.moec_expert_sublayers = 1
+    args.moe_encoder_layers = None
+    args.moe_decoder_layers = None
+    args.moe_output_dropout = True
+    if getattr(args, "smoe_strata", None) is not None:
+        old = getattr(args, "smoe_stratum_layernorm", True)
+        args.smoe_stratum_norm = "gate-input" if old in (None, True) else "none"
+    return True
+
+
 def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
     """Fill MoE flags the user left unset (architectures call this)."""
+    upgrade_old_args(args)
+    top_k = args.moe_top_k if getattr(args, "moe_top_k", None) is not None else 2
     set_defaults(
         args,
         moe_expert_count=expert_count,
@@ -110,7 +176,13 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_capacity_factor=1.0,
         moe_eval_capacity_token_fraction=1.0,
         moe_second_expert_policy="sampling",
-        moe_normalize_gates=False,
+        moe_eval_second_expert_policy="all",
+        moe_normalize_gates=top_k == 2,
+        moe_normalize_gate_prob_before_dropping=False,
+        moe_capacity_rule="joint",
+        moe_encoder_layers=None,
+        moe_decoder_layers=None,
+        moe_output_dropout=True,
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
         moec_routing_dim=32,
@@ -119,8 +191,10 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moec_var_type="cluster",
         moec_expert_dropout=0.0,
         moec_dropout_interval=1,
+        moec_output_mixing=False,
+        moec_expert_sublayers=1,
         smoe_strata=None,
-        smoe_stratum_layernorm=True,
+        smoe_stratum_norm="post-ln",
     )
 
 
@@ -139,6 +213,13 @@ class MoEOptions:
     jitter_eps: float
     expert_ffn_dim: int  # 0 = use the layer's own FFN dim
     args: argparse.Namespace  # the full namespace, for routers with flags of their own
+    normalize_before_dropping: bool = False
+    eval_second_expert_policy: str = "all"
+    capacity_rule: str = "joint"
+    expert_sublayers: int = 1
+    encoder_layers: Optional[List[int]] = None  # 1-based; None = every --moe-freq-th
+    decoder_layers: Optional[List[int]] = None
+    output_dropout: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MoEOptions":
@@ -155,11 +236,31 @@ class MoEOptions:
             jitter_eps=args.moe_jitter_eps,
             expert_ffn_dim=args.moe_expert_ffn_dim or 0,
             args=args,
+            normalize_before_dropping=bool(args.moe_normalize_gate_prob_before_dropping),
+            eval_second_expert_policy=args.moe_eval_second_expert_policy,
+            capacity_rule=args.moe_capacity_rule,
+            expert_sublayers=args.moec_expert_sublayers,
+            encoder_layers=parse_layer_list(args.moe_encoder_layers),
+            decoder_layers=parse_layer_list(args.moe_decoder_layers),
+            output_dropout=bool(args.moe_output_dropout),
         )
 
-    def moe_layer_indices(self, num_layers: int) -> List[int]:
-        """0-based indices of the MoE layers in a stack of ``num_layers``."""
+    def moe_layer_indices(self, num_layers: int, placement: Optional[List[int]] = None) -> List[int]:
+        """0-based indices of the MoE layers in a stack of ``num_layers``: the 1-based
+        ``placement`` list if given, else every ``--moe-freq``-th layer."""
+        if placement is not None:
+            return sorted(i - 1 for i in placement)
         return [i for i in range(num_layers) if (i + 1) % self.freq == 0]
+
+
+def parse_layer_list(spec) -> Optional[List[int]]:
+    """``"2,4"`` -> ``[2, 4]`` (1-based layers); None stays None; ValueError if malformed."""
+    if spec is None:
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"expected comma-separated layer numbers >= 1, got {spec!r}")
+    return sorted({int(p) for p in parts})
 
 
 def validate_moe_args(args: argparse.Namespace) -> None:
@@ -197,6 +298,31 @@ def validate_moe_args(args: argparse.Namespace) -> None:
             "--moe-normalize-gates needs --moe-top-k 2 (with one expert the gate would "
             "always be 1 and the router would get no gradient from the task loss)"
         )
+    if args.moe_eval_second_expert_policy not in EVAL_SECOND_EXPERT_POLICIES:
+        raise MoEConfigError(
+            f"--moe-eval-second-expert-policy must be one of {list(EVAL_SECOND_EXPERT_POLICIES)}, "
+            f"got {args.moe_eval_second_expert_policy!r}"
+        )
+    if args.moe_capacity_rule not in CAPACITY_RULES:
+        raise MoEConfigError(
+            f"--moe-capacity-rule must be one of {list(CAPACITY_RULES)}, "
+            f"got {args.moe_capacity_rule!r}"
+        )
+    sub = args.moec_expert_sublayers
+    if sub is None or sub < 1:
+        raise MoEConfigError(f"--moec-expert-sublayers must be an integer >= 1, got {sub}")
+    for flag, spec, stack in (("--moe-encoder-layers", args.moe_encoder_layers, "encoder_layers"),
+                              ("--moe-decoder-layers", args.moe_decoder_layers, "decoder_layers")):
+        try:
+            layers = parse_layer_list(spec)
+        except ValueError as e:
+            raise MoEConfigError(f"{flag}: {e}") from None
+        n = getattr(args, stack, None)
+        if layers and n and max(layers) > n:
+            raise MoEConfigError(
+                f"{flag} {spec} names layer {max(layers)}, the model has {n} "
+                f"({stack.replace('_', ' ')}; layers are numbered from 1)"
+            )
     if not 0 <= args.moe_jitter_eps < 1:
         raise MoEConfigError(f"--moe-jitter-eps must be in [0, 1), got {args.moe_jitter_eps}")
     if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
@@ -208,7 +334,8 @@ def validate_moe_args(args: argparse.Namespace) -> None:
     freq = args.moe_freq
     enc = getattr(args, "encoder_layers", 0) or 0
     dec = getattr(args, "decoder_layers", 0) or 0
-    if freq is None or freq < 1 or freq > max(enc, dec):
+    placed = args.moe_encoder_layers is not None and args.moe_decoder_layers is not None
+    if freq is None or freq < 1 or (freq > max(enc, dec) and not placed):
         raise MoEConfigError(
             f"--moe-freq {freq} places no MoE layer: it must be between 1 and the "
             f"number of layers (encoder {enc}, decoder {dec})"
@@ -267,6 +394,17 @@ def validate_moec_args(args: argparse.Namespace) -> None:
     interval = getattr(args, "moec_dropout_interval", 1)
     if interval is None or interval < 1:
         raise MoEConfigError(f"--moec-dropout-interval must be >= 1, got {interval}")
+    if getattr(args, "moec_output_mixing", False):
+        if args.moe_router != "cosine":
+            raise MoEConfigError(
+                f"--moec-output-mixing needs --moe-router cosine (a moec_transformer_* arch), "
+                f"got --moe-router {args.moe_router}"
+            )
+        if args.moe_top_k != 1:
+            raise MoEConfigError(
+                f"--moec-output-mixing needs --moe-top-k 1 (one gate a per token), got "
+                f"--moe-top-k {args.moe_top_k}"
+            )
     if args.moe_router == "cosine" and p > 0:
         alive = G * kept_per_cluster(E // G, p)
         if alive < args.moe_top_k:
@@ -300,6 +438,11 @@ def validate_smoe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             f"--smoe-strata {spec} has {sum(strata)} experts, --moe-expert-count is {E}: "
             "the strata must add up to it"
+        )
+    norm = getattr(args, "smoe_stratum_norm", "post-ln")
+    if norm not in STRATUM_NORMS:
+        raise MoEConfigError(
+            f"--smoe-stratum-norm must be one of {list(STRATUM_NORMS)}, got {norm!r}"
         )
     if args.moe_top_k > strata[-1]:
         raise MoEConfigError(

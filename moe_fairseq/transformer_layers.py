@@ -26,7 +26,11 @@ def _seq_major(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class _MoEBlock:
-    """The FFN half of a layer: (pre-norm) -> MoE -> dropout -> residual (-> post-norm)."""
+    """The FFN half of a layer: (pre-norm) -> MoE -> dropout -> residual (-> post-norm).
+
+    ``moe_output_dropout`` (``--moe-output-dropout``) False leaves out the dropout."""
+
+    moe_output_dropout: bool = True
 
     def _moe_block(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """x ``[seq, batch, d]``, padding_mask ``[batch, seq]`` -> ``[seq, batch, d]``.
@@ -38,16 +42,30 @@ class _MoEBlock:
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x = self.moe(x, _seq_major(padding_mask), residual=residual)
+        x = self.moe(x, _seq_major(padding_mask), residual=residual,
+                     dropout=self.dropout_module if self.moe_output_dropout else None)
         stats = self.moe.stats
         if stats.token_passes is not None:
             # Every routed token makes at least one pass and padding none.
             stats.sentence_passes = stats.token_passes.sum(0)
             stats.sentence_tokens = (stats.token_passes > 0).sum(0)
-        x = self.residual_connection(self.dropout_module(x), residual)
+        if self.moe.returns_block_output:
+            # e.g. SMoE's post-LN strata: the MoE layer already added the residual
+            # and normalized the result.
+            return x
+        if self.moe_output_dropout:
+            x = self.dropout_module(x)
+        x = self.residual_connection(x, residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
         return x
+
+    def _drop_unused_final_norm(self) -> None:
+        """A post-norm block whose MoE layer returns the block output never uses
+        ``final_layer_norm``; drop it so torch DDP sees no unused parameter."""
+        if self.moe.returns_block_output and not self.normalize_before:
+            del self.final_layer_norm
+            self.final_layer_norm = None
 
 
 class MoETransformerEncoderLayer(_MoEBlock, TransformerEncoderLayerBase):
@@ -63,6 +81,8 @@ class MoETransformerEncoderLayer(_MoEBlock, TransformerEncoderLayerBase):
             cfg.activation_fn,
             float(self.activation_dropout_module.p),
         )
+        self.moe_output_dropout = moe_options.output_dropout
+        self._drop_unused_final_norm()
 
     def forward(
         self,
@@ -108,6 +128,8 @@ class MoETransformerDecoderLayer(_MoEBlock, TransformerDecoderLayerBase):
             cfg.activation_fn,
             float(self.activation_dropout_module.p),
         )
+        self.moe_output_dropout = moe_options.output_dropout
+        self._drop_unused_final_norm()
 
     def forward(
         self,

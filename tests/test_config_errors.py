@@ -39,6 +39,17 @@ BAD_CONFIGS = {
                                     ["--moe-top-k", "--smoe-strata"]),
     "smoe-strata-without-router": (["--smoe-strata", "2,2"], ["--smoe-strata", "--moe-router"]),
     "stratified-without-strata": (["--moe-router", "stratified"], ["--smoe-strata"]),
+    "moec-mixing-with-top2": (["--arch", "moec_transformer_tiny", "--moe-top-k", "2"],
+                              ["--moec-output-mixing", "--moe-top-k"]),
+    "moec-mixing-linear-router": (["--moec-output-mixing", "--moe-top-k", "1"],
+                                  ["--moec-output-mixing", "--moe-router"]),
+    "expert-sublayers-0": (["--moec-expert-sublayers", "0"], ["--moec-expert-sublayers"]),
+    "encoder-layers-past-stack": (["--moe-encoder-layers", "3"], ["--moe-encoder-layers"]),
+    "capacity-rule-bogus": (["--moe-capacity-rule", "bogus"], ["--moe-capacity-rule"]),
+    "smoe-stratum-norm-bogus": (["--arch", "smoe_transformer_tiny", "--smoe-stratum-norm", "pre"],
+                                ["--smoe-stratum-norm"]),
+    "gate-loss-combine-bogus": (["--moe-gate-loss-combine-method", "max"],
+                                ["--moe-gate-loss-combine-method"]),
 }
 
 
@@ -86,6 +97,9 @@ def test_good_config_is_accepted(data_bin, tmp_path):
             "--moe-eval-capacity-token-fraction", "-1", "--moe-capacity-factor", "0.5",
             "--moe-second-expert-policy", "random", "--moe-normalize-gates",
             "--moe-jitter-eps", "0.1", "--moe-gate-loss-wt", "0",
+            "--moe-capacity-rule", "per-slot", "--moe-eval-second-expert-policy", "sampling",
+            "--moe-normalize-gate-prob-before-dropping", "--moec-expert-sublayers", "2",
+            "--moe-gate-loss-combine-method", "sum",
             "--no-save", max_update=1,
         ),
     )

@@ -46,6 +46,7 @@ from moe_fairseq.expert_parallel_dispatcher import (
 from moe_fairseq.moe_layer import MoELayer
 from moe_fairseq.options import MoEConfigError
 from moe_fairseq.routers.base import Router, Routing
+from moe_fairseq.routers.cosine import CosineRouter
 from moe_fairseq.routers.stratified import StratifiedRouter
 from moe_fairseq.routers.top_k import TopKRouter
 
@@ -408,8 +409,11 @@ def case_stratified(rank, world, drops, sizes=None, seed=0, rank0_exits_first=Fa
     strata = smoe_strata(world)
 
     def make_router():
+        # The smoe presets' rules: post-LN strata, gates renormalised after
+        # dropping, capacity 2 * ceil(C * T_i / E_i).
         router = StratifiedRouter(D, strata, top_k=2, capacity_factor=0.5 if drops else 1.0,
-                                  second_expert_policy="all")
+                                  second_expert_policy="all", normalize_gates=True,
+                                  capacity_rule="per-slot", stratum_norm="post-ln")
         g = torch.Generator().manual_seed(99)
         with torch.no_grad():  # norms that are not the identity
             for norm in router.norms:
@@ -456,6 +460,33 @@ def case_stratified(rank, world, drops, sizes=None, seed=0, rank0_exits_first=Fa
     assert int(everyone[1]) > 0 and int(everyone[2]) > 0  # later strata did run somewhere
 
 
+def case_moec_mixing(rank, world):
+    """MoEC's presets: cosine top-1 with output mixing (a token over capacity
+    outputs itself), the authors' capacity int(C * T), expert dropout (one kept set:
+    the interval outlasts the case) and the fixed-temperature losses."""
+    E = num_experts(world)
+
+    def make_router():
+        return CosineRouter(D, E, top_k=1, routing_dim=4, clusters=2, var_coef=1.0,
+                            expert_dropout=0.5, dropout_interval=1000, seed=5,
+                            output_mixing=True, capacity_factor=0.1, capacity_rule="tokens")
+
+    ep, ref = build_layers(rank, world, make_router, seed=40)
+    ep.train()
+    ref.train()
+    batches = [batch(s, seed=40) for s in range(world)]
+    cots = [cotangent(s, tokens_of(s), seed=40) for s in range(world)]
+    out, got = run_ep(ep, batches[rank], cots[rank])
+    ref_out, ref_grads, dropped = per_rank_reference(ref, rank, world, batches, cots)
+    assert_matches(out, got, ref_out, ref_grads, rank)
+    assert dropped > 0
+    assert torch.equal(ep.router.kept_experts, ref.router.kept_experts)
+    ref(batches[rank])
+    for name, value in ep.stats.losses.items():
+        torch.testing.assert_close(value.detach(), ref.stats.losses[name].detach(),
+                                   rtol=1e-6, atol=1e-7)
+
+
 CASES = {
     "all_to_all_rows": case_all_to_all_rows,
     "top1_drops": lambda r, w: case_top_k(r, w, k=1, drops=True),
@@ -476,6 +507,7 @@ CASES = {
         r, w, drops=False, seed=2, rank0_exits_first=True),
     "smoe_one_rank_has_no_tokens": lambda r, w: case_stratified(
         r, w, drops=True, seed=3, sizes=[0] + [4 * tokens_of(s) for s in range(1, w)]),
+    "moec_mixing_dropout_drops": case_moec_mixing,
 }
 
 

@@ -81,16 +81,29 @@ def params(path):
 NOISE_ONLY = "k_proj.bias"
 
 
-def assert_same_params(a, b, atol=1e-5, skip=()):
+def assert_same_params(a, b, atol=1e-5, skip=(), rounding_room=False):
+    """Same parameters to ``atol``. ``rounding_room``: experts that see their rows in
+    other groupings on W ranks (one matmul over all ranks' rows) round differently
+    by ~1e-7; a LayerNorm, a renormalised top-2 gate or a ReLU unit near its
+    threshold can grow that to a few 1e-5 in a handful of weights (seen: 5 to 14 of
+    32768 in one expert FFN), so allow 1e-4 but at most 0.1% of weights past 1e-5.
+    A routing or scheduling error moves weights by lr-sized steps (3e-3) instead."""
     ma, _ = params(a)
     mb, _ = params(b)
     assert ma.keys() == mb.keys()
+    atol = 1e-4 if rounding_room else atol
+    off = total = 0
     for k in ma:
         if k.endswith(skip):
             continue
         assert ma[k].shape == mb[k].shape, k
         tol = 1e-4 if k.endswith(NOISE_ONLY) else atol
-        torch.testing.assert_close(ma[k].float(), mb[k].float(), atol=tol, rtol=0, msg=k)
+        diff = (ma[k].float() - mb[k].float()).abs()
+        assert float(diff.max()) <= tol, f"{k}: max |diff| {float(diff.max()):.3g} > {tol}"
+        off += int((diff > 1e-5).sum()) if not k.endswith(NOISE_ONLY) else 0
+        total += diff.numel()
+    if rounding_room:
+        assert off <= 1e-3 * total, f"{off} of {total} weights differ by more than 1e-5"
 
 
 @pytest.mark.parametrize("ddp", ["legacy_ddp", "c10d"])
@@ -137,7 +150,8 @@ def test_resume_on_another_world_size(data_bin, tmp_path, first, second):
     _, ref_state = params(ref / "checkpoint_last.pt")
     updates = state["optimizer_history"][-1]["num_updates"]
     assert updates == ref_state["optimizer_history"][-1]["num_updates"] and updates >= 2
-    assert_same_params(ref / "checkpoint_last.pt", run / "checkpoint_last.pt")
+    assert_same_params(ref / "checkpoint_last.pt", run / "checkpoint_last.pt",
+                       rounding_room=True)
 
 
 def test_two_rank_checkpoint_decodes_on_one_process(data_bin, tmp_path):
@@ -196,17 +210,8 @@ def test_smoe_two_ranks_equal_one_rank(data_bin, tmp_path, ddp):
     log = train(data_bin, two, 2, tmp_path, "--max-epoch", "1", *smoe, tag="s2", ddp=ddp)
     assert "router stratified" in log and "experts sharded over 2 ranks" in log
     assert re.search(r"smoe_requested_capacity\W+1\.\d", log)
-    # The experts see their rows in other groupings on two ranks (one matmul over
-    # both ranks' rows), so fp32 rounding differs by ~1e-7; the second stratum's
-    # LayerNorm and a ReLU unit near its threshold can grow that to a few 1e-5 in
-    # a handful of weights (seen: 14 of 32768 in one expert FFN). A routing or
-    # pass-scheduling error moves weights by lr-sized steps (3e-3) instead.
-    assert_same_params(one / "checkpoint_last.pt", two / "checkpoint_last.pt", atol=1e-4)
-    ma, _ = params(one / "checkpoint_last.pt")
-    mb, _ = params(two / "checkpoint_last.pt")
-    off = sum(int(((ma[k].float() - mb[k].float()).abs() > 1e-5).sum()) for k in ma)
-    total = sum(v.numel() for v in ma.values())
-    assert off <= 1e-3 * total, f"{off} of {total} weights differ by more than 1e-5"
+    assert_same_params(one / "checkpoint_last.pt", two / "checkpoint_last.pt",
+                       rounding_room=True)
     model, _ = params(two / "checkpoint_last.pt")
-    norms = [k for k in model if re.search(r"moe\.router\.norms\.0\.weight$", k)]
-    assert len(norms) == 2  # one stratum LayerNorm in each of the two MoE layers
+    norms = [k for k in model if re.search(r"moe\.router\.norms\.\d\.weight$", k)]
+    assert len(norms) == 4  # post-LN strata: two LayerNorms in each of the two MoE layers

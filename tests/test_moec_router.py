@@ -30,7 +30,7 @@ PROBS = [
     [0.1, 0.2, 0.3, 0.4],
     [0.3, 0.4, 0.1, 0.2],
 ]
-# me = column means = [0.2, 0.3, 0.2, 0.3]
+# me = column SUMS (as the authors compute it) = [0.4, 0.6, 0.4, 0.6]
 
 
 def _unbiased_var(values):
@@ -39,37 +39,35 @@ def _unbiased_var(values):
 
 
 def test_cluster_variance_by_hand():
-    # cluster 0: me = [0.2, 0.3], mean 0.25, var = (0.05^2 + 0.05^2) / 1 = 0.005
-    # cluster 1: same, 0.005; (1/G) * sum = 0.005
-    expected = (_unbiased_var([0.2, 0.3]) + _unbiased_var([0.2, 0.3])) / 2
-    assert expected == pytest.approx(0.005)
+    # cluster 0: me = [0.4, 0.6], mean 0.5, var = (0.1^2 + 0.1^2) / 1 = 0.02
+    # cluster 1: same, 0.02; (1/G) * sum = 0.02
+    expected = (_unbiased_var([0.4, 0.6]) + _unbiased_var([0.4, 0.6])) / 2
+    assert expected == pytest.approx(0.02)
     got = moec_variance(torch.tensor(PROBS, dtype=torch.float64), 2, "cluster")
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
 
 def test_global_variance_by_hand():
-    # me = [0.2, 0.3, 0.2, 0.3], mean 0.25, sum of squares 4 * 0.0025 = 0.01,
-    # unbiased: 0.01 / 3
-    expected = _unbiased_var([0.2, 0.3, 0.2, 0.3])
-    assert expected == pytest.approx(0.01 / 3)
+    # me = [0.4, 0.6, 0.4, 0.6], mean 0.5, sum of squares 4 * 0.01, unbiased: 0.04 / 3
+    expected = _unbiased_var([0.4, 0.6, 0.4, 0.6])
+    assert expected == pytest.approx(0.04 / 3)
     got = moec_variance(torch.tensor(PROBS, dtype=torch.float64), 2, "global")
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
 
 def test_gap_variance_by_hand():
-    # Use an uneven example so the gap is not zero:
+    # The authors' coef_type 2: sort the mean probabilities, cut into G chunks.
     # probs = [[0.5, 0.2, 0.2, 0.1], [0.4, 0.3, 0.1, 0.2]]
-    # me = [0.45, 0.25, 0.15, 0.15]
-    # cluster var: c0 (0.45 - 0.35)^2 * 2 / 1 = 0.02; c1 0 -> mean 0.01
-    # cluster mass per token: token 0 [0.7, 0.3], token 1 [0.7, 0.3] -> mean [0.7, 0.3]
-    # gap = 0.7 - 0.3 = 0.4 -> 0.01 / exp(0.4)
+    # me (sums) = [0.9, 0.5, 0.3, 0.3]; cluster var: c0 (0.2^2 * 2) = 0.08, c1 0 -> 0.04
+    # means = [0.45, 0.25, 0.15, 0.15] sorted -> chunks [0.45, 0.25], [0.15, 0.15]
+    # dif = 0.35 - 0.15 = 0.2 -> 0.04 / exp(0.2)
     probs = [[0.5, 0.2, 0.2, 0.1], [0.4, 0.3, 0.1, 0.2]]
-    me = [(a + b) / 2 for a, b in zip(*probs)]
+    me = [a + b for a, b in zip(*probs)]
     var = (_unbiased_var(me[:2]) + _unbiased_var(me[2:])) / 2
-    mass = [sum(sum(p[g * 2:(g + 1) * 2]) for p in probs) / 2 for g in range(2)]
-    top, second = sorted(mass, reverse=True)[:2]
-    expected = var / math.exp(top - second)
-    assert expected == pytest.approx(0.01 / math.exp(0.4))
+    means = sorted((m / 2 for m in me), reverse=True)
+    dif = sum(means[:2]) / 2 - sum(means[2:]) / 2
+    expected = var / math.exp(dif)
+    assert expected == pytest.approx(0.04 / math.exp(0.2))
     got = moec_variance(torch.tensor(probs, dtype=torch.float64), 2, "gap")
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
@@ -79,21 +77,24 @@ def test_moec_var_loss_is_scaled_and_omitted_when_off():
     router.eval()
     x = tokens(16)
     routing = router(x)
-    probs = torch.softmax(router.logits(x), dim=-1)
-    expected = E * 0.5 * moec_variance(probs, 2, "cluster")
+    # fixed temperature 0.07, variance of sums, times n * coef / T
+    probs = torch.softmax(router.cosine(x) / 0.07, dim=-1)
+    expected = E * 0.5 * moec_variance(probs, 2, "cluster") / 16
     torch.testing.assert_close(routing.losses["moec_var"], expected)
     assert set(routing.losses) == {"balance", "z", "moec_var"}
     off = make_router(top_k=1, clusters=2, var_coef=0.0)
     assert set(off(x).losses) == {"balance", "z"}
 
 
-def test_moec_var_has_gradient():
+def test_moec_var_has_gradient_but_not_to_tau():
     router = make_router(top_k=1, clusters=2, var_coef=1.0)
     router.train()
-    router(tokens(16)).losses["moec_var"].backward()
+    losses = router(tokens(16)).losses
+    (losses["moec_var"] + losses["balance"]).backward()
     assert router.wg.weight.grad is not None and router.wg.weight.grad.abs().sum() > 0
     assert router.w_reduce.weight.grad.abs().sum() > 0
-    assert router.tau.grad is not None
+    # the routing losses use the fixed temperature 0.07 (the authors' rule)
+    assert router.tau.grad is None or float(router.tau.grad.abs()) == 0.0
 
 
 def test_no_tokens_gives_zero_losses():

@@ -4,7 +4,9 @@ The rules under test (routers/stratified.py): a token at stratum i picks its
 top-k among the experts of strata i..L-1; its next stratum is (stratum of its
 top-1 expert) + 1; it leaves after the last stratum; capacity at stratum i is
 ``ceil(C * k * T_i / E_i)``; the balance loss is averaged over the strata that had
-tokens; strata i >= 1 see ``LN_i(residual stream)``.
+tokens; with ``--smoe-stratum-norm gate-input`` strata i >= 1 see
+``LN_i(residual stream)`` (the authors' ``post-ln`` stream is tested against its own
+reference in test_fidelity.py).
 """
 
 import copy
@@ -76,7 +78,7 @@ def test_tokens_move_and_exit_by_the_rules():
     follows from the rules. 120 tokens cover every order of 5 experts."""
     strata = [1, 2, 2]
     E = sum(strata)
-    router = StratifiedRouter(E, strata, stratum_layernorm=False, top_k=2,
+    router = StratifiedRouter(E, strata, stratum_norm="none", top_k=2,
                               second_expert_policy="all", eval_capacity_token_fraction=1.0)
     with torch.no_grad():
         for i, gate in enumerate(router.gates):
@@ -122,7 +124,7 @@ def test_tokens_move_and_exit_by_the_rules():
 def build(strata, layernorm=True, seed=0, **kw):
     torch.manual_seed(seed)
     kw = {"top_k": 2, "second_expert_policy": "all", **kw}
-    router = StratifiedRouter(D, strata, stratum_layernorm=layernorm, **kw)
+    router = StratifiedRouter(D, strata, stratum_norm="gate-input" if layernorm else "none", **kw)
     if layernorm:  # not the identity, so a missing norm shows
         with torch.no_grad():
             for norm in router.norms:
@@ -306,14 +308,24 @@ def test_empty_strata_are_skipped_without_communication_and_not_averaged():
                                calls[0][2].losses["balance"], **TIGHT)
 
 
-def test_stratum_layernorm_flag():
-    with_norm = StratifiedRouter(D, [4, 12], stratum_layernorm=True)
-    without = StratifiedRouter(D, [4, 12], stratum_layernorm=False)
-    assert len(with_norm.norms) == 1 and without.norms is None
+def test_stratum_norm_modes():
+    with_norm = StratifiedRouter(D, [4, 12], stratum_norm="gate-input")
+    without = StratifiedRouter(D, [4, 12], stratum_norm="none")
+    post = StratifiedRouter(D, [4, 12], stratum_norm="post-ln")
+    assert len(with_norm.norms) == 1 and without.norms is None and len(post.norms) == 2
+    assert post.stream_output and not with_norm.stream_output and not without.stream_output
     h = torch.randn(3, D)
     assert torch.equal(without.pass_input(h, 1), h)
+    assert torch.equal(without.pass_stream(h, 1), h)
     torch.testing.assert_close(with_norm.pass_input(h, 1), F.layer_norm(h, (D,)))
+    assert torch.equal(with_norm.pass_stream(h, 1), h)  # the stream stays raw
     assert torch.equal(with_norm.pass_input(h, 0), h)  # stratum 0: the layer's own norm
+    # post-ln: the stream itself is normalized, the experts see it as it is
+    torch.testing.assert_close(post.pass_stream(h, 1), F.layer_norm(h, (D,)))
+    assert torch.equal(post.pass_input(h, 1), h)
+    torch.testing.assert_close(post.finish_stream(h), F.layer_norm(h, (D,)))
+    with pytest.raises(ValueError, match="--smoe-stratum-norm"):
+        StratifiedRouter(D, [4, 12], stratum_norm="bogus")
     # Gates: stratum i scores its visible experts only.
     assert [g.wg.weight.shape[0] for g in with_norm.gates] == [16, 12]
 

@@ -148,7 +148,7 @@ def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tm
 
 
 def test_flags_reach_the_router(data_bin, tmp_path):
-    """--smoe-strata, --no-smoe-stratum-layernorm and --moe-top-k 1 on the command
+    """--smoe-strata, --smoe-stratum-norm none and --moe-top-k 1 on the command
     line end up in every layer's router, and survive the checkpoint."""
     from fairseq import checkpoint_utils
 
@@ -157,7 +157,7 @@ def test_flags_reach_the_router(data_bin, tmp_path):
 
     save_dir = tmp_path / "ckpt"
     run_cli("train", train_args(data_bin, save_dir, "--arch", "smoe_transformer_tiny",
-                                "--smoe-strata", "1,3", "--no-smoe-stratum-layernorm",
+                                "--smoe-strata", "1,3", "--smoe-stratum-norm", "none",
                                 "--moe-top-k", "1", max_update=2))
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
         [str(save_dir / "checkpoint_last.pt")], arg_overrides={"data": str(data_bin)})

@@ -87,9 +87,9 @@ def test_top2_eval_picks_two_best_regardless_of_policy(policy):
     torch.testing.assert_close(a.gates, b.gates, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_normalize_gates_sum_to_one(top_k):
-    router = make_router(top_k=top_k, normalize_gates=True)
+@pytest.mark.parametrize("top_k", [2])
+def test_normalize_gates_before_dropping_sum_to_one(top_k):
+    router = make_router(top_k=top_k, normalize_gates=True, normalize_before_dropping=True)
     router.eval()
     x = tokens(32)
     routing = router(x)
@@ -102,10 +102,24 @@ def test_normalize_gates_sum_to_one(top_k):
     plain = make_router(top_k=top_k, normalize_gates=False).eval()
     g = plain(x).gates
     assert bool((g.sum(-1) < 1 - 1e-3).all())  # without normalisation they sum to < 1
+    # After-dropping normalisation (the default) is the dispatcher's job: the
+    # router hands raw probabilities and says so.
+    after = make_router(top_k=top_k, normalize_gates=True).eval()(x)
+    assert after.normalize_after_drop
+    torch.testing.assert_close(after.gates, g, rtol=0, atol=0)
+
+
+def test_normalize_gates_ignored_for_top1():
+    x = tokens(32)
+    a = make_router(top_k=1, normalize_gates=True).eval()(x)
+    b = make_router(top_k=1).eval()(x)
+    assert not a.normalize_after_drop
+    torch.testing.assert_close(a.gates, b.gates, rtol=0, atol=0)
 
 
 def test_normalize_gates_with_random_policy_dropped_second():
-    router = make_router(top_k=2, second_expert_policy="random", normalize_gates=True)
+    router = make_router(top_k=2, second_expert_policy="random", normalize_gates=True,
+                         normalize_before_dropping=True)
     router.train()
     torch.manual_seed(7)
     routing = router(tokens(256))

@@ -45,8 +45,8 @@ class MoETransformerModel(TransformerModel):
             validate_expert_parallel(args, options.expert_count, world)
         model = super().build_model(args, task)
         cfg = TransformerConfig.from_namespace(args)
-        enc_idx = options.moe_layer_indices(len(model.encoder.layers))
-        dec_idx = options.moe_layer_indices(len(model.decoder.layers))
+        enc_idx = options.moe_layer_indices(len(model.encoder.layers), options.encoder_layers)
+        dec_idx = options.moe_layer_indices(len(model.decoder.layers), options.decoder_layers)
         for i in enc_idx:
             model.encoder.layers[i] = MoETransformerEncoderLayer(cfg, options)
         for i in dec_idx:

@@ -19,6 +19,9 @@ def _top_k_kwargs(options) -> dict:
         second_expert_policy=options.second_expert_policy,
         normalize_gates=options.normalize_gates,
         jitter_eps=options.jitter_eps,
+        normalize_before_dropping=options.normalize_before_dropping,
+        eval_second_expert_policy=options.eval_second_expert_policy,
+        capacity_rule=options.capacity_rule,
     )
 
 
@@ -39,6 +42,7 @@ def _build_cosine(options, embed_dim: int) -> Router:
         expert_dropout=args.moec_expert_dropout,
         dropout_interval=args.moec_dropout_interval,
         seed=getattr(args, "seed", 1) or 0,
+        output_mixing=bool(getattr(args, "moec_output_mixing", False)),
     )
 
 
@@ -47,7 +51,7 @@ def _build_stratified(options, embed_dim: int) -> Router:
     return StratifiedRouter(
         embed_dim,
         args.smoe_strata,
-        stratum_layernorm=bool(args.smoe_stratum_layernorm),
+        stratum_norm=args.smoe_stratum_norm,
         **_top_k_kwargs(options),
     )
 

@@ -18,7 +18,7 @@ Conventions (T = routed tokens in the pass, k = experts per token, E = experts):
 Multi-pass routers (SMoE's strata) route a token several times in one layer: a
 pass may send a token on to a later pass (``Routing.next_pass``); the layer feeds
 that pass the token's running residual stream, transformed by
-:meth:`Router.pass_input`.
+:meth:`Router.pass_stream` and :meth:`Router.pass_input`.
 """
 
 import math
@@ -46,6 +46,14 @@ class Routing:
     # next (> the current pass; >= num_passes means the token is done). Tokens may
     # skip passes. None means every token is done after this pass.
     next_pass: Optional[Tensor] = None
+    # Renormalize each token's gates over the slots that survive capacity
+    # dropping, so they sum to 1 (fairseq's top2gating default; a token whose
+    # second choice is dropped keeps its first with weight 1).
+    normalize_after_drop: bool = False
+    # Output mixing (MoEC): the token's own vector fills the gate mass its kept
+    # experts do not use, y = sum_kept g_j FFN_j(x) + (1 - sum_kept g_j) x; a token
+    # dropped for capacity outputs x itself.
+    mix_input: bool = False
 
 
 class Router(nn.Module):
@@ -54,26 +62,53 @@ class Router(nn.Module):
     Subclasses implement :meth:`route`. Single-pass routers (the usual case) keep
     ``num_passes == 1``. A multi-pass router (stratified MoE) is called once per
     pass with the tokens due at that pass. Pass 0 routes the layer's input ``x``
-    (every token). A later pass routes ``pass_input(h, p)``, where ``h`` is the
-    token's residual stream so far, ``r + y_0 + ... + y_q`` (``r`` is the
+    (every token) and the token's stream becomes ``z = r + y_0`` (``r`` is the
     residual the block's output is added to, ``y_q`` the token's gated expert
-    outputs of its earlier passes). The layer returns ``y_0 + ... + y_last``.
+    output at pass q). A later pass p continues from ``s = pass_stream(z, p)``,
+    routes (and its experts see) ``pass_input(s, p)``, and leaves ``z = s + y_p``.
+
+    Two ways a layer can end:
+    - ``stream_output = False`` (default): the layer returns ``y_0 + ... + y_last``
+      and the transformer block adds it to its residual as for any FFN;
+    - ``stream_output = True``: the layer returns ``finish_stream(z)``, the block's
+      whole output (the block adds no residual, dropout or norm of its own), as
+      SMoE's authors do with their per-stratum LayerNorms.
     """
 
     num_experts: int
     num_passes: int = 1
+    stream_output: bool = False
 
     def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         """x: ``[T, d]`` token vectors (padding already removed) -> :class:`Routing`."""
         raise NotImplementedError
 
-    def pass_input(self, h: Tensor, pass_index: int) -> Tensor:
-        """Multi-pass routers: the vectors that pass ``pass_index >= 1`` routes and
-        its experts see, from the residual streams ``h [T, d]`` of its tokens."""
-        return h
+    def pass_stream(self, z: Tensor, pass_index: int) -> Tensor:
+        """Multi-pass routers: the stream ``[T, d]`` pass ``pass_index >= 1`` continues
+        from (its output is added to it), from the tokens' running streams ``z``."""
+        return z
+
+    def pass_input(self, s: Tensor, pass_index: int) -> Tensor:
+        """Multi-pass routers: the vectors ``[T, d]`` that pass ``pass_index >= 1``
+        routes and its experts see, from the streams ``s`` of :meth:`pass_stream`."""
+        return s
+
+    def finish_stream(self, z: Tensor) -> Tensor:
+        """``stream_output`` routers: the block output ``[T, d]`` from the final streams."""
+        return z
 
     def forward(self, x: Tensor, pass_index: int = 0) -> Routing:
         return self.route(x, pass_index)
+
+
+# Training capacity rules (``--moe-capacity-rule``), C = capacity factor, k = top-k,
+# T = tokens of the pass, E = experts that can be chosen:
+# - joint:    ceil(C * k * T / E)  (GShard/Switch formula, rounded once)
+# - per-slot: k * ceil(C * T / E)  (fairseq's top2gating and the SMoE authors' code:
+#             2 * ceil(T / E) with C = 1)
+# - tokens:   int(C * T)           (the MoEC authors' code: capacity factor times the
+#             local tokens, whatever E; with C >= 1 it never binds in one process)
+CAPACITY_RULES = ("joint", "per-slot", "tokens")
 
 
 def capacity_for(
@@ -83,17 +118,24 @@ def capacity_for(
     training: bool,
     capacity_factor: float,
     eval_capacity_token_fraction: float,
+    rule: str = "joint",
 ) -> Optional[int]:
     """Expert capacity as in GShard/Switch and fairseq's MoE branch.
 
-    Training: ``ceil(capacity_factor * k * T / E)``. Inference:
-    ``ceil(fraction * T)``, where a fraction <= 0 or >= 1 means no limit (an
-    expert can never receive more than T assignments in one pass).
+    Training: by ``rule`` (see ``CAPACITY_RULES``; default ``ceil(C * k * T / E)``).
+    Inference: ``ceil(fraction * T)``, where a fraction <= 0 or >= 1 means no limit
+    (an expert can never receive more than T assignments in one pass).
     """
     if num_tokens == 0:
         return 0
     if training:
-        return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+        if rule == "joint":
+            return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+        if rule == "per-slot":
+            return max(1, top_k * math.ceil(capacity_factor * num_tokens / num_experts))
+        if rule == "tokens":
+            return max(1, int(capacity_factor * num_tokens))
+        raise ValueError(f"--moe-capacity-rule must be one of {list(CAPACITY_RULES)}, got {rule!r}")
     frac = eval_capacity_token_fraction
     if frac <= 0 or frac >= 1:
         return None

@@ -3,22 +3,31 @@
 Scores ``s_e = cos(W_red x, w_e) / tau``: the token is projected to a small routing
 space (``--moec-routing-dim``, 32 by default), ``w_e`` are the rows of an ``[E, r]``
 gate matrix (orthogonal init, gain 0.1) and ``tau`` is a learnable temperature
-(init 0.07). ``probs = softmax(s)``; top-1/top-2 selection, second-expert policies,
-capacity, balance loss and z-loss are :class:`TopKRouter`'s.
+(init 0.07). The token goes to its top-1 (top-k) experts by ``s``; second-expert
+policies and capacity are :class:`TopKRouter`'s.
 
 Experts form ``G = --moec-clusters`` clusters of contiguous global expert indices
-(``E / G`` experts each). MoEC adds:
+(``E / G`` experts each). As in the authors' code (xy980523/MoEc_model,
+``unilm/modules/gdmoe/top1gate.py``, read and re-implemented here):
 
-- ``moec_var``: ``E * var_coef * Var`` where Var measures how unevenly the mean
-  routing probability ``me`` is spread over the experts *within* a cluster, so a
-  cluster behaves as one wider unit (``--moec-var-type``, see :func:`moec_variance`);
+- the routing losses use probabilities at the FIXED temperature 0.07,
+  ``P = softmax(cos / 0.07)``, so they send no gradient to ``tau``;
+- ``balance = n * sum_e mean_t(P[t, e]) * (f_e + 1e-6)``, ``f_e`` the share of
+  tokens whose first choice is e and ``n`` the experts scored (the survivors of
+  expert dropout, else E);
+- ``moec_var = n * var_coef * Var / T`` where Var is computed, like theirs, on the
+  SUMS over the T tokens ``me_e = sum_t P[t, e]`` (see :func:`moec_variance`). Their
+  loss is ``n * (sum_e me_e * ce_e + var_coef * Var)`` added to the summed CE; ours is
+  divided by T because the criterion multiplies every routing loss by the batch's
+  token count: both terms then have the authors' strength at any batch size;
 - cluster-level expert dropout (training only): every ``--moec-dropout-interval``
   forward calls a new set of experts is kept in each cluster; dropped experts get
-  ``-inf`` scores, so their tokens are re-routed among the survivors.
-
-Not part of this router: the paper's output mixing ``y = a * FFN_e(x) + (1 - a) * x``
-with ``a = sigmoid(s_e)``; the MoE layer scales the expert output by the gate
-(the softmax probability) as for every router.
+  ``-inf`` scores, so their tokens are re-routed among the survivors, and capacity
+  and losses count the survivors only;
+- output mixing (``--moec-output-mixing``): the gate of the chosen expert is
+  ``a = sigmoid(s_e)`` and the layer outputs ``a * FFN_e(x) + (1 - a) * x``
+  (``x`` itself for a token dropped for capacity); without it the gate is the
+  softmax probability ``softmax(s)_e`` as for the linear router.
 """
 
 from typing import Optional
@@ -27,10 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Routing
+from .losses import router_z_loss
 from .top_k import TopKRouter
 
 VAR_TYPES = ("cluster", "global", "gap")
 MIN_TAU = 1e-4
+# The authors compute the routing losses at this fixed temperature (their
+# TEMPERATURE_FOR_L_UAX), not with the learnable tau.
+LOSS_TEMPERATURE = 0.07
 
 
 def kept_per_cluster(cluster_size: int, p: float) -> int:
@@ -51,24 +65,26 @@ def _masked_unbiased_var(values: Tensor, mask: Tensor) -> Tensor:
 
 def moec_variance(probs: Tensor, clusters: int, var_type: str,
                   kept: Optional[Tensor] = None) -> Tensor:
-    """MoEC's variance term (before the ``E * var_coef`` factor).
+    """MoEC's variance term ``Var`` (before the ``n * var_coef / T`` factor).
 
-    probs: ``[T, E]`` router probabilities (differentiable); ``me_e`` is their mean
-    over tokens. ``kept``: ``[E]`` bool, the experts not dropped (None = all); dropped
-    experts are left out of the variances (their ``me`` is 0 by construction and
-    would otherwise pull the survivors' mass towards 0).
+    probs: ``[T, E]`` fixed-temperature routing probabilities (differentiable);
+    ``me_e = sum_t probs[t, e]`` (a sum over tokens, as the authors compute it).
+    ``kept``: ``[E]`` bool, the experts scored (None = all); the others are left
+    out. Every cluster keeps the same number of experts, so the authors'
+    "contiguous blocks of the surviving columns" are the clusters' survivors.
 
-    - ``cluster``: ``(1/G) sum_g var(me over the kept experts of cluster g)``
-      (unbiased; a cluster with fewer than two kept experts contributes 0);
-    - ``global``: unbiased variance of ``me`` over all kept experts;
-    - ``gap``: the ``cluster`` value divided by ``exp(gap)``, where ``gap`` is the
-      mean (over tokens) probability mass of the most likely cluster minus that of
-      the second (cluster mass of a token = sum of its probs over the cluster).
+    - ``cluster`` (their coef_type 1): ``(1/G) sum_g`` unbiased variance of ``me``
+      over the kept experts of cluster g (0 for a cluster with fewer than two);
+    - ``global`` (coef_type 0): unbiased variance of ``me`` over the kept experts;
+    - ``gap`` (coef_type 2): the ``cluster`` value divided by ``exp(dif)``, where
+      the kept experts' mean probabilities ``me / T`` are sorted in descending
+      order and cut into G chunks, and ``dif`` is the first chunk's mean minus
+      the second's.
     """
     if probs.size(0) == 0:
         return probs.sum() * 0.0
     E = probs.size(1)
-    me = probs.mean(dim=0)
+    me = probs.sum(dim=0)
     if kept is None:
         kept = torch.ones(E, dtype=torch.bool, device=probs.device)
     if var_type == "global":
@@ -78,9 +94,9 @@ def moec_variance(probs: Tensor, clusters: int, var_type: str,
     if var_type == "cluster":
         return var
     if var_type == "gap":
-        mass = probs.view(probs.size(0), clusters, -1).sum(-1).mean(dim=0)  # [G]
-        top2 = mass.topk(2).values
-        return var / torch.exp(top2[0] - top2[1])
+        mean = (me / probs.size(0))[kept]
+        chunks = mean.sort(descending=True).values.view(clusters, -1).mean(dim=1)
+        return var / torch.exp(chunks[0] - chunks[1])
     raise ValueError(f"--moec-var-type must be one of {list(VAR_TYPES)}, got {var_type!r}")
 
 
@@ -109,6 +125,9 @@ class CosineRouter(TopKRouter):
         second_expert_policy: str = "sampling",
         normalize_gates: bool = False,
         jitter_eps: float = 0.0,
+        normalize_before_dropping: bool = False,
+        eval_second_expert_policy: str = "all",
+        capacity_rule: str = "joint",
         routing_dim: int = 32,
         clusters: int = 1,
         var_coef: float = 0.0,
@@ -116,10 +135,12 @@ class CosineRouter(TopKRouter):
         expert_dropout: float = 0.0,
         dropout_interval: int = 1,
         seed: int = 1,
+        output_mixing: bool = False,
     ):
         super().__init__(
             embed_dim, num_experts, top_k, capacity_factor, eval_capacity_token_fraction,
-            second_expert_policy, normalize_gates, jitter_eps,
+            second_expert_policy, normalize_gates, jitter_eps, normalize_before_dropping,
+            eval_second_expert_policy, capacity_rule,
         )
         if routing_dim < 1:
             raise ValueError(f"--moec-routing-dim must be >= 1, got {routing_dim}")
@@ -136,6 +157,9 @@ class CosineRouter(TopKRouter):
             raise ValueError(f"--moec-expert-dropout must be in [0, 1), got {expert_dropout}")
         if dropout_interval < 1:
             raise ValueError(f"--moec-dropout-interval must be >= 1, got {dropout_interval}")
+        if output_mixing and top_k != 1:
+            raise ValueError("--moec-output-mixing needs --moe-top-k 1 (one gate a per token)")
+        self.output_mixing = output_mixing
         self.routing_dim = routing_dim
         self.clusters = clusters
         self.cluster_size = num_experts // clusters
@@ -165,21 +189,11 @@ class CosineRouter(TopKRouter):
     def temperature(self) -> Tensor:
         return self.tau.float().clamp_min(MIN_TAU)
 
-    def cosine_logits(self, x: Tensor) -> Tensor:
-        """x ``[T, d]`` -> fp32 ``cos(W_red x, w_e) / tau`` ``[T, E]`` (no dropout)."""
-        h = F.normalize(F.linear(self.router_input(x), self.w_reduce.weight.float()), dim=-1)
-        w = F.normalize(self.wg.weight.float(), dim=-1)
-        return F.linear(h, w) / self.temperature()
+    def _tau_like(self, t: Tensor) -> Tensor:
+        return self.tau.to(t.dtype).clamp_min(MIN_TAU)
 
     def dropout_active(self) -> bool:
         return self.training and self.expert_dropout > 0
-
-    def logits(self, x: Tensor) -> Tensor:
-        """Cosine logits; in training with expert dropout, dropped experts get -inf."""
-        s = self.cosine_logits(x)
-        if self.dropout_active():
-            s = s.masked_fill(~self.kept_experts, float("-inf"))
-        return s
 
     # ------------------------------------------------------------------ dropout
 
@@ -203,26 +217,90 @@ class CosineRouter(TopKRouter):
 
     # ------------------------------------------------------------------ routing
 
-    def route(self, x: Tensor, pass_index: int = 0):
+    def num_scored(self) -> int:
+        """Experts the router can choose now: the survivors of expert dropout."""
+        if self.dropout_active():
+            return int(self.clusters * kept_per_cluster(self.cluster_size, self.expert_dropout))
+        return self.num_experts
+
+    def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         if self.dropout_active():
             self._step_dropout()
-        return super().route(x, pass_index)
-
-    def extra_losses(self, logits: Tensor, probs: Tensor, first: Tensor) -> dict:
-        # "balance" (TopKRouter's load_balance_loss) is E * sum_e me_e * ce_e with
-        # me_e the MEAN of P[t, e] over tokens. The MoEC paper/code writes
-        # me_e = sum_t P[t, e]; we use the mean so the balance loss has the linear
-        # router's scale (1.0 when uniform) and --moe-gate-loss-wt means the same.
-        # The variance below is over those means as well.
-        if self.var_coef == 0:
-            return {}
+        cos = self.cosine(x)  # [T, E]
         kept = self.kept_experts if self.dropout_active() else None
-        var = moec_variance(probs, self.clusters, self.var_type, kept)
-        return {"moec_var": self.num_experts * self.var_coef * var}
+        scores = self._scores(cos)
+        probs = torch.softmax(scores, dim=-1)
+        first = probs.argmax(dim=-1)
+        index = [first]
+        if self.top_k == 2:
+            second, _ = self._second_choice(scores, probs, first)
+            index.append(second)
+        expert_index = torch.stack(index, dim=1)
+        chosen = expert_index.clamp_min(0)
+        if self.output_mixing:
+            gate = torch.sigmoid(scores.gather(1, chosen))
+        else:
+            gate = probs.gather(1, chosen)
+        gate = torch.where(expert_index >= 0, gate, torch.zeros_like(gate))
+        normalize = self.normalize_gates and self.top_k > 1
+        if normalize and self.normalize_before_dropping:
+            gate = gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
+        n = self.num_scored()
+        losses = self.moec_losses(cos, first, kept, n)
+        losses["z"] = router_z_loss(scores)
+        return Routing(
+            expert_index, gate, self.capacity(x.size(0), n), losses, probs.detach(),
+            normalize_after_drop=normalize and not self.normalize_before_dropping,
+            mix_input=self.output_mixing,
+        )
+
+    def _scores(self, cos: Tensor) -> Tensor:
+        scores = cos / self._tau_like(cos)
+        if self.dropout_active():
+            scores = scores.masked_fill(~self.kept_experts, float("-inf"))
+        return scores
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Routing scores ``cos / tau`` ``[T, E]`` (fp32); in training with expert
+        dropout, dropped experts get -inf."""
+        return self._scores(self.cosine(x))
+
+    def cosine(self, x: Tensor) -> Tensor:
+        """x ``[T, d]`` -> fp32 ``cos(W_red x, w_e)`` ``[T, E]``."""
+        h = self.router_input(x)
+        h = F.normalize(F.linear(h, self.w_reduce.weight.to(h.dtype)), dim=-1)
+        w = F.normalize(self.wg.weight.to(h.dtype), dim=-1)
+        return F.linear(h, w)
+
+    def moec_losses(self, cos: Tensor, first: Tensor, kept: Optional[Tensor], n: int) -> dict:
+        """The authors' ``l_aux`` split in two named terms, divided by T (module docstring).
+
+        cos ``[T, E]``; first ``[T]`` first choices; kept ``[E]`` bool or None; n experts scored.
+        """
+        T = cos.size(0)
+        if T == 0:
+            zero = cos.sum() * 0.0
+            return {"balance": zero, **({"moec_var": zero} if self.var_coef else {})}
+        scores = cos / LOSS_TEMPERATURE
+        if kept is not None:
+            scores = scores.masked_fill(~kept, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        share = torch.bincount(first, minlength=self.num_experts).to(p.dtype) / T
+        if kept is not None:
+            share = share[kept]
+            p_kept = p[:, kept]
+        else:
+            p_kept = p
+        losses = {"balance": n * torch.sum(p_kept.mean(dim=0) * (share + 1e-6))}
+        if self.var_coef:
+            var = moec_variance(p, self.clusters, self.var_type, kept)
+            losses["moec_var"] = n * self.var_coef * var / T
+        return losses
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, routing_dim={self.routing_dim}, "
             f"clusters={self.clusters}, var_coef={self.var_coef}, var_type={self.var_type}, "
-            f"expert_dropout={self.expert_dropout}, dropout_interval={self.dropout_interval}"
+            f"expert_dropout={self.expert_dropout}, dropout_interval={self.dropout_interval}, "
+            f"output_mixing={self.output_mixing}"
         )

@@ -4,14 +4,15 @@ The E experts of a layer are split into L strata of consecutive experts
 (``--smoe-strata 4,12``: experts 0-3 are stratum 0, experts 4-15 stratum 1).
 Every token starts at stratum 0. At stratum i:
 
-- the token vector is ``LN_i(h)`` (``h`` its residual stream so far; stratum 0
-  sees the layer's usual FFN input, strata i >= 1 their own LayerNorm with
-  ``--smoe-stratum-layernorm``, else ``h`` itself);
+- the token vector: stratum 0 sees the layer's usual FFN input; strata i >= 1
+  see the token's residual stream through a LayerNorm of their own, as set by
+  ``--smoe-stratum-norm`` (below);
 - a gate of its own scores the *visible* experts, those of strata i..L-1, and
   the token goes to its top-k of them (k = ``--moe-top-k``, 2 in the paper);
-- capacity per expert is ``ceil(C * k * T_i / E_i)`` (C = ``--moe-capacity-factor``,
-  1 in the paper, so ``2 T_i / E_i``), with T_i the tokens at stratum i and E_i
-  the visible experts; inference honours ``--moe-eval-capacity-token-fraction``;
+- capacity per expert follows ``--moe-capacity-rule`` (the presets: ``per-slot``,
+  ``k * ceil(C * T_i / E_i)`` = ``2 * ceil(T_i / E_i)`` as in the authors' code),
+  with T_i the tokens at stratum i and E_i the visible experts; inference honours
+  ``--moe-eval-capacity-token-fraction``;
 - the balance loss is ``E_i * sum_e f_e p_e`` over the visible experts; the layer
   averages it over the strata that had tokens;
 - the token's next stratum is (stratum of its top-1 expert) + 1: it may skip
@@ -21,14 +22,26 @@ So a token gets 1..L expert passes; their mean is the "requested capacity".
 Each stratum is one pass of the MoE layer's pass loop (``num_passes = L``); tokens
 wait in the layer while an earlier stratum runs.
 
-Differences from the authors' fork (fe1ixxu/Stratified_Mixture_of_Experts), kept
-on purpose: under expert parallelism every rank runs all L passes instead of an
-all-reduce of the lowest stratum each pass (same outputs, no extra collective);
-the layer's own dropout and final LayerNorm apply to the summed output as in
-any MoE layer (the fork drops out inside each expert, and with its per-stratum
-LayerNorm on it normalizes the layer output with the last stratum's norm
-instead of ``final_layer_norm``).
+``--smoe-stratum-norm`` (z: the token's stream, r + outputs so far):
+- ``post-ln`` (the authors' ``--hmoe-layernorm 1``, read from their fork
+  fe1ixxu/Stratified_Mixture_of_Experts, ``transformer_layer_ed.py``): L
+  LayerNorms; a token entering stratum i >= 1 continues from ``LN_{i-1}(z)``
+  (stream and expert input alike), ``z <- LN_{i-1}(z) + MoE_i(LN_{i-1}(z))``, and
+  the block's output is ``LN_{L-1}(z)`` of the final stream, in pre- and post-norm
+  models alike (post-norm: it replaces ``final_layer_norm``; the block adds no
+  residual of its own). The block's dropout applies to each stratum's output
+  before it joins the stream (the fork drops out inside each expert);
+- ``gate-input`` (this plugin's first design): L-1 LayerNorms; stratum i >= 1
+  routes and runs ``LN_{i-1}(z)`` but the stream stays raw, ``z <- z + MoE_i``, and
+  the block adds ``sum_i MoE_i`` to its residual like any FFN;
+- ``none`` (``--hmoe-layernorm 0``): no LayerNorm, ``z <- z + MoE_i(z)``.
+
+Difference from the authors' fork kept on purpose: under expert parallelism
+every rank runs all L passes instead of an all-reduce of the lowest stratum
+each pass (same outputs, no extra collective).
 """
+
+STRATUM_NORMS = ("post-ln", "gate-input", "none")
 
 from typing import List, Sequence
 
@@ -59,18 +72,25 @@ class StratifiedRouter(Router):
     Args:
         embed_dim: token vector size d.
         strata: experts per stratum, e.g. ``[4, 12]``; E = their sum.
-        stratum_layernorm: a LayerNorm on the tokens entering each stratum i >= 1.
+        stratum_norm: ``post-ln``, ``gate-input`` or ``none`` (module docstring).
         **top_k_kwargs: passed to each stratum's :class:`TopKRouter` (``top_k``,
             ``capacity_factor``, ``eval_capacity_token_fraction``,
             ``second_expert_policy``, ``normalize_gates``, ``jitter_eps``).
 
     Parameters: ``gates[i]`` (a :class:`TopKRouter` over the ``E_i`` visible
-    experts of stratum i) and ``norms[i - 1]`` (the LayerNorm of stratum i >= 1).
+    experts of stratum i) and ``norms[i - 1]`` (the LayerNorm of stratum i >= 1;
+    with ``post-ln`` also ``norms[L - 1]``, the block's output norm).
     """
 
-    def __init__(self, embed_dim: int, strata: Sequence[int], stratum_layernorm: bool = True,
+    def __init__(self, embed_dim: int, strata: Sequence[int], stratum_norm: str = "post-ln",
                  **top_k_kwargs):
         super().__init__()
+        if stratum_norm not in STRATUM_NORMS:
+            raise ValueError(
+                f"--smoe-stratum-norm must be one of {list(STRATUM_NORMS)}, got {stratum_norm!r}"
+            )
+        self.stratum_norm = stratum_norm
+        self.stream_output = stratum_norm == "post-ln"
         self.strata = parse_strata(strata)
         L = len(self.strata)
         self.num_experts = sum(self.strata)
@@ -87,17 +107,26 @@ class StratifiedRouter(Router):
             TopKRouter(embed_dim, self.num_experts - self.offsets[i], **top_k_kwargs)
             for i in range(L)
         )
+        num_norms = {"post-ln": L, "gate-input": L - 1, "none": 0}[stratum_norm]
         self.norms = (
-            nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(L - 1))
-            if stratum_layernorm else None
+            nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(num_norms))
+            if stratum_norm != "none" else None
         )
         stratum_of = torch.repeat_interleave(torch.arange(L), torch.tensor(self.strata))
         self.register_buffer("stratum_of_expert", stratum_of, persistent=False)
 
-    def pass_input(self, h: Tensor, pass_index: int) -> Tensor:
-        if self.norms is None or pass_index == 0:
-            return h
-        return self.norms[pass_index - 1](h)
+    def pass_stream(self, z: Tensor, pass_index: int) -> Tensor:
+        if self.stratum_norm == "post-ln" and pass_index > 0:
+            return self.norms[pass_index - 1](z)
+        return z
+
+    def pass_input(self, s: Tensor, pass_index: int) -> Tensor:
+        if self.stratum_norm == "gate-input" and pass_index > 0:
+            return self.norms[pass_index - 1](s)
+        return s
+
+    def finish_stream(self, z: Tensor) -> Tensor:
+        return self.norms[-1](z) if self.stratum_norm == "post-ln" else z
 
     def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         """x ``[T_i, d]`` tokens at stratum ``pass_index`` -> Routing over global experts,
@@ -112,4 +141,4 @@ class StratifiedRouter(Router):
         return routing
 
     def extra_repr(self) -> str:
-        return f"strata={self.strata}, stratum_layernorm={self.norms is not None}"
+        return f"strata={self.strata}, stratum_norm={self.stratum_norm}"

@@ -8,18 +8,27 @@ from .base import Router, Routing, capacity_for
 from .losses import load_balance_loss, router_z_loss
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
+# At inference: the second-best expert (ours, deterministic) or a Gumbel-sampled
+# one (fairseq's top2gating and the SMoE authors' code sample at generation too).
+EVAL_SECOND_EXPERT_POLICIES = ("all", "sampling")
 
 
 class TopKRouter(Router):
     """``softmax(W x)`` over E experts, computed in fp32, top-k experts per token.
 
-    Second-expert policies (top-2, training only; inference always takes the
-    second-best expert deterministically):
+    Second-expert policies (top-2, training; at inference ``eval_second_expert_policy``,
+    default ``all``, i.e. the second-best expert deterministically):
     - ``all``: always route to the second-best expert;
     - ``sampling``: pick the second expert by argmax of logits + Gumbel noise
       (GShard), so less likely experts also get trained;
     - ``random``: keep the second-best expert only with probability
       ``min(1, 2 * g2)`` (GShard's random routing).
+
+    Top-2 gate weights are the softmax probabilities of the two experts; with
+    ``normalize_gates`` they are renormalized to sum to 1, after capacity dropping
+    (fairseq's rule: a token whose second choice is dropped keeps its first with
+    weight 1) or, with ``normalize_before_dropping``, before it. Top-1 gates are
+    the raw probability (Switch).
     """
 
     def __init__(
@@ -32,6 +41,9 @@ class TopKRouter(Router):
         second_expert_policy: str = "sampling",
         normalize_gates: bool = False,
         jitter_eps: float = 0.0,
+        normalize_before_dropping: bool = False,
+        eval_second_expert_policy: str = "all",
+        capacity_rule: str = "joint",
     ):
         super().__init__()
         if top_k not in (1, 2):
@@ -41,18 +53,27 @@ class TopKRouter(Router):
                 f"--moe-second-expert-policy must be one of {SECOND_EXPERT_POLICIES}, "
                 f"got {second_expert_policy!r}"
             )
+        if eval_second_expert_policy not in EVAL_SECOND_EXPERT_POLICIES:
+            raise ValueError(
+                f"--moe-eval-second-expert-policy must be one of {EVAL_SECOND_EXPERT_POLICIES}, "
+                f"got {eval_second_expert_policy!r}"
+            )
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_token_fraction = eval_capacity_token_fraction
         self.second_expert_policy = second_expert_policy
         self.normalize_gates = normalize_gates
+        self.normalize_before_dropping = normalize_before_dropping
+        self.eval_second_expert_policy = eval_second_expert_policy
+        self.capacity_rule = capacity_rule
         self.jitter_eps = jitter_eps
         self.wg = nn.Linear(embed_dim, num_experts, bias=False)
 
     def router_input(self, x: Tensor) -> Tensor:
-        """x ``[T, d]`` in fp32, with the training-time jitter (``--moe-jitter-eps``)."""
-        x32 = x.float()
+        """x ``[T, d]`` in fp32 (fp64 stays fp64, for exact reference tests), with the
+        training-time jitter (``--moe-jitter-eps``)."""
+        x32 = x if x.dtype == torch.float64 else x.float()
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             x32 = x32 * noise
@@ -60,7 +81,8 @@ class TopKRouter(Router):
 
     def logits(self, x: Tensor) -> Tensor:
         """x ``[T, d]`` -> fp32 logits ``[T, E]``."""
-        return F.linear(self.router_input(x), self.wg.weight.float())
+        h = self.router_input(x)
+        return F.linear(h, self.wg.weight.to(h.dtype))
 
     def route(self, x: Tensor, pass_index: int = 0) -> Routing:
         logits = self.logits(x)
@@ -74,22 +96,23 @@ class TopKRouter(Router):
             gates.append(g2)
         expert_index = torch.stack(index, dim=1)
         gate = torch.stack(gates, dim=1)
-        if self.normalize_gates:
+        normalize = self.normalize_gates and self.top_k > 1
+        if normalize and self.normalize_before_dropping:
             gate = gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
         losses = {
             "balance": load_balance_loss(probs, first, self.num_experts),
             "z": router_z_loss(logits),
         }
         losses.update(self.extra_losses(logits, probs, first))
-        capacity = capacity_for(
-            x.size(0),
-            self.num_experts,
-            self.top_k,
-            self.training,
-            self.capacity_factor,
-            self.eval_capacity_token_fraction,
-        )
-        return Routing(expert_index, gate, capacity, losses, probs.detach())
+        capacity = self.capacity(x.size(0), self.num_experts)
+        return Routing(expert_index, gate, capacity, losses, probs.detach(),
+                       normalize_after_drop=normalize and not self.normalize_before_dropping)
+
+    def capacity(self, num_tokens: int, num_experts: int):
+        """Per-expert capacity for ``num_tokens`` tokens choosing among ``num_experts``."""
+        return capacity_for(num_tokens, num_experts, self.top_k, self.training,
+                            self.capacity_factor, self.eval_capacity_token_fraction,
+                            self.capacity_rule)
 
     def extra_losses(self, logits: Tensor, probs: Tensor, first: Tensor) -> dict:
         """Hook for subclasses: more routing losses from the pass's fp32 ``logits``,
@@ -97,7 +120,7 @@ class TopKRouter(Router):
         return {}
 
     def _second_choice(self, logits: Tensor, probs: Tensor, first: Tensor):
-        policy = self.second_expert_policy if self.training else "all"
+        policy = self.second_expert_policy if self.training else self.eval_second_expert_policy
         scores = logits
         if policy == "sampling":
             u = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9)
