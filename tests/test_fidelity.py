@@ -45,6 +45,18 @@ def sublayer_expert(bank, e, u):
     return u
 
 
+def assert_same_grads(out, ref, params):
+    """Gradients of ``out.sum()`` and ``ref.sum()`` agree to 1e-10 for every param
+    (a param the reference does not use must get no or a zero gradient)."""
+    got = torch.autograd.grad(out.sum(), params, allow_unused=True)
+    want = torch.autograd.grad(ref.sum(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, b, **EXACT)
+
+
 def kept_slots(index, capacity, E):
     """Which (token, slot) assignments survive capacity: every first choice before
     any second choice, then token order; an expert keeps its first ``capacity``."""
@@ -137,9 +149,7 @@ def test_top2_gates_renormalised_after_dropping_by_default(when):
         rows.append(y)
     ref = torch.stack(rows)
     torch.testing.assert_close(out, ref, **EXACT)
-    params = [x, router.logits, *bank.parameters()]
-    for a, b in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
-        torch.testing.assert_close(a, b, **EXACT)
+    assert_same_grads(out, ref, [x, router.logits, *bank.parameters()])
     if when == "after":  # a token with one kept slot has weight exactly 1 on it
         one = [t for t in range(T) if int(kept[t].sum()) == 1]
         assert one
@@ -297,13 +307,7 @@ def test_moec_output_mixing_layer_equals_reference(sublayers):
     ref = torch.stack(rows)
     torch.testing.assert_close(out, ref, **EXACT)
     params = [x, *router.parameters(), *bank.parameters()]
-    got = torch.autograd.grad(out.sum(), params, allow_unused=True)
-    want = torch.autograd.grad(ref.sum(), params, allow_unused=True)
-    for a, b in zip(got, want):
-        if b is None:
-            assert a is None or torch.count_nonzero(a) == 0
-        else:
-            torch.testing.assert_close(a, b, **EXACT)
+    assert_same_grads(out, ref, params)
 
 
 # ---------------------------------------------------------------- SMoE post-LN strata
@@ -357,13 +361,7 @@ def test_smoe_post_ln_stream_equals_reference(strata):
     if len(strata) > 1:
         assert len(set(layer.stats.token_passes.tolist())) > 1
     params = [x, r, *layer.parameters()]
-    got = torch.autograd.grad(out.sum(), params, allow_unused=True)
-    want = torch.autograd.grad(ref.sum(), params, allow_unused=True)
-    for a, b in zip(got, want):
-        if b is None:
-            assert a is None or torch.count_nonzero(a) == 0
-        else:
-            torch.testing.assert_close(a, b, **EXACT)
+    assert_same_grads(out, ref, params)
 
 
 def test_smoe_post_ln_padding_and_dropout_per_stratum():
