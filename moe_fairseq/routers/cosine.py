@@ -186,11 +186,8 @@ class CosineRouter(TopKRouter):
 
     # ------------------------------------------------------------------ scores
 
-    def temperature(self) -> Tensor:
-        return self.tau.float().clamp_min(MIN_TAU)
-
-    def _tau_like(self, t: Tensor) -> Tensor:
-        return self.tau.to(t.dtype).clamp_min(MIN_TAU)
+    def temperature(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.tau.to(dtype).clamp_min(MIN_TAU)
 
     def dropout_active(self) -> bool:
         return self.training and self.expert_dropout > 0
@@ -242,20 +239,18 @@ class CosineRouter(TopKRouter):
         else:
             gate = probs.gather(1, chosen)
         gate = torch.where(expert_index >= 0, gate, torch.zeros_like(gate))
-        normalize = self.normalize_gates and self.top_k > 1
-        if normalize and self.normalize_before_dropping:
-            gate = gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
+        gate, after_drop = self.normalized_gates(gate)
         n = self.num_scored()
         losses = self.moec_losses(cos, first, kept, n)
         losses["z"] = router_z_loss(scores)
         return Routing(
             expert_index, gate, self.capacity(x.size(0), n), losses, probs.detach(),
-            normalize_after_drop=normalize and not self.normalize_before_dropping,
+            normalize_after_drop=after_drop,
             mix_input=self.output_mixing,
         )
 
     def _scores(self, cos: Tensor) -> Tensor:
-        scores = cos / self._tau_like(cos)
+        scores = cos / self.temperature(cos.dtype)
         if self.dropout_active():
             scores = scores.masked_fill(~self.kept_experts, float("-inf"))
         return scores

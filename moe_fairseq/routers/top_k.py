@@ -96,9 +96,7 @@ class TopKRouter(Router):
             gates.append(g2)
         expert_index = torch.stack(index, dim=1)
         gate = torch.stack(gates, dim=1)
-        normalize = self.normalize_gates and self.top_k > 1
-        if normalize and self.normalize_before_dropping:
-            gate = gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
+        gate, after_drop = self.normalized_gates(gate)
         losses = {
             "balance": load_balance_loss(probs, first, self.num_experts),
             "z": router_z_loss(logits),
@@ -106,7 +104,17 @@ class TopKRouter(Router):
         losses.update(self.extra_losses(logits, probs, first))
         capacity = self.capacity(x.size(0), self.num_experts)
         return Routing(expert_index, gate, capacity, losses, probs.detach(),
-                       normalize_after_drop=normalize and not self.normalize_before_dropping)
+                       normalize_after_drop=after_drop)
+
+    def normalized_gates(self, gate: Tensor):
+        """Top-2 gate normalisation: ``gate [T, k]`` -> (gates, whether the dispatcher
+        must renormalise them after capacity dropping). Before dropping, it is done
+        here; top-1 gates are never normalised."""
+        if not (self.normalize_gates and self.top_k > 1):
+            return gate, False
+        if self.normalize_before_dropping:
+            return gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps), False
+        return gate, True
 
     def capacity(self, num_tokens: int, num_experts: int):
         """Per-expert capacity for ``num_tokens`` tokens choosing among ``num_experts``."""
