@@ -41,8 +41,6 @@ every rank runs all L passes instead of an all-reduce of the lowest stratum
 each pass (same outputs, no extra collective).
 """
 
-STRATUM_NORMS = ("post-ln", "gate-input", "none")
-
 from typing import List, Sequence
 
 import torch
@@ -50,6 +48,8 @@ from torch import Tensor, nn
 
 from .base import Router, Routing
 from .top_k import TopKRouter
+
+STRATUM_NORMS = ("post-ln", "gate-input", "none")
 
 
 def parse_strata(spec) -> List[int]:

@@ -101,7 +101,6 @@ class TopKRouter(Router):
             "balance": load_balance_loss(probs, first, self.num_experts),
             "z": router_z_loss(logits),
         }
-        losses.update(self.extra_losses(logits, probs, first))
         capacity = self.capacity(x.size(0), self.num_experts)
         return Routing(expert_index, gate, capacity, losses, probs.detach(),
                        normalize_after_drop=after_drop)
@@ -121,11 +120,6 @@ class TopKRouter(Router):
         return capacity_for(num_tokens, num_experts, self.top_k, self.training,
                             self.capacity_factor, self.eval_capacity_token_fraction,
                             self.capacity_rule)
-
-    def extra_losses(self, logits: Tensor, probs: Tensor, first: Tensor) -> dict:
-        """Hook for subclasses: more routing losses from the pass's fp32 ``logits``,
-        differentiable ``probs`` and first choices (the linear router adds none)."""
-        return {}
 
     def _second_choice(self, logits: Tensor, probs: Tensor, first: Tensor):
         policy = self.second_expert_policy if self.training else self.eval_second_expert_policy
