@@ -13,6 +13,16 @@ token's first choice beats any second choice, and among equal slots the earlier
 token (row-major order of the layer's input) wins. An expert keeps its first
 ``capacity`` assignments in that order; the rest are dropped and contribute
 nothing (the token's residual passes through the transformer layer).
+
+Two layouts of the dispatched rows (``SortDispatcher(layout=...)``):
+
+- ``compact`` (CPU, expert parallelism): only the kept assignments, ``N`` rows.
+  Their number is data-dependent, so building the block reads it back to the host.
+- ``static`` (default on CUDA): all ``k * T`` slots, every shape fixed by T, so the
+  plan never syncs with the host. A dropped assignment stays in its expert's group
+  with gate 0 (``row_mask`` False); slots without an expert (-1, padding) join the
+  last expert's group with gate 0. The experts compute those rows and the combine
+  discards them: the dropless amount of work, which the grouped GEMM takes in one call.
 """
 
 from dataclasses import dataclass
@@ -77,11 +87,21 @@ class DispatchPlan:
     # [T] fp32, weight of each token's own vector in its output (Routing.mix_input):
     # 1 - the sum of its kept gates; None when the router does not mix.
     input_weight: Optional[Tensor] = None
+    # Static layout only: [N] bool, rows whose output counts (kept assignments), and
+    # [E] int64 rows per expert as laid out (kept + dropped + unassigned). None in
+    # the compact layout, where every row counts and bank_sizes == group_sizes.
+    row_mask: Optional[Tensor] = None
+    bank_sizes: Optional[Tensor] = None
 
     @property
     def token_index(self) -> Tensor:
         """``[N]`` int64, source token of each row (rows grouped by expert)."""
         return self.assignment_index % max(self.num_tokens, 1)
+
+    @property
+    def rows_per_expert(self) -> Tensor:
+        """``[E]`` int64, dispatched rows per expert (what the expert bank is given)."""
+        return self.group_sizes if self.bank_sizes is None else self.bank_sizes
 
     @property
     def num_assignments(self) -> int:
@@ -90,28 +110,43 @@ class DispatchPlan:
 
     @property
     def num_dropped(self) -> int:
-        return self.num_assignments - int(self.assignment_index.numel())
+        return self.num_assignments - int(self.group_sizes.sum())
+
+
+LAYOUTS = ("auto", "compact", "static")
 
 
 class SortDispatcher:
-    """Plans, gathers and combines for experts that all live in this process."""
+    """Plans, gathers and combines for experts that all live in this process.
+
+    ``layout``: ``compact``, ``static`` or ``auto`` (static for CUDA tensors, compact
+    elsewhere); see the module docstring.
+    """
 
     # No communication: the layer may skip a routing pass that has no token.
     collective = False
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, layout: str = "auto"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.num_experts = num_experts
         self.num_local_experts = num_experts
+        self.layout = layout
+
+    def _static(self, t: Tensor) -> bool:
+        return self.layout == "static" or (self.layout == "auto" and t.is_cuda)
 
     def plan(self, routing: Routing) -> DispatchPlan:
         expert_index, gates, capacity = routing.expert_index, routing.gates, routing.capacity
         num_tokens, k = expert_index.shape
         E = self.num_experts
         flat = expert_index.t().reshape(-1)  # priority order j * T + t
-        # Slots without an expert (-1) sort after every real expert and are cut.
+        # Slots without an expert (-1) sort after every real expert.
         key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
         sorted_key, order = torch.sort(key, stable=True)
-        counts = torch.bincount(key, minlength=E + 1)
+        # scatter_add, not bincount: CUDA bincount reads its maximum back to the host.
+        counts = torch.zeros(E + 1, dtype=torch.long, device=key.device).scatter_add_(
+            0, key, torch.ones_like(key))
         starts = torch.cumsum(counts, 0) - counts
         position = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
         keep = sorted_key < E
@@ -121,35 +156,49 @@ class SortDispatcher:
             group_sizes = requested.clamp(max=capacity)
         else:
             group_sizes = requested
-        kept = order[keep]
-        row_gates = gates.t().reshape(-1)[kept]
+        gates_sorted = gates.t().reshape(-1)[order]
+        if self._static(flat):
+            index, row_mask = order, keep
+            row_gates = torch.where(keep, gates_sorted, torch.zeros_like(gates_sorted))
+            # Unassigned slots (sorted last) ride in the last expert's group.
+            bank_sizes = requested.clone()
+            bank_sizes[E - 1:] += counts[E:]
+        else:
+            index, row_mask, bank_sizes = order[keep], None, None
+            row_gates = gates_sorted[keep]
         kept_sum = None
         if routing.normalize_after_drop or routing.mix_input:
-            kept_sum = scatter_rows(row_gates.unsqueeze(1), kept, num_tokens, k).squeeze(1)  # [T]
+            kept_sum = scatter_rows(row_gates.unsqueeze(1), index, num_tokens, k).squeeze(1)  # [T]
         if routing.normalize_after_drop:
             denom = kept_sum.clamp_min(torch.finfo(kept_sum.dtype).eps)
-            row_gates = row_gates / denom[kept % max(num_tokens, 1)]
+            row_gates = row_gates / denom[index % max(num_tokens, 1)]
             kept_sum = kept_sum / denom
         return DispatchPlan(
             row_gates=row_gates,
             group_sizes=group_sizes,
             requested=requested,
-            assignment_index=kept,
+            assignment_index=index,
             num_tokens=num_tokens,
             num_slots=k,
             input_weight=(1.0 - kept_sum) if routing.mix_input else None,
+            row_mask=row_mask,
+            bank_sizes=bank_sizes,
         )
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tuple[Tensor, Tensor]:
         """x ``[T, d]`` -> (rows ``[N, d]`` grouped by expert, rows per local expert ``[E]``).
 
         The second value is what the expert bank needs: for this dispatcher all
-        experts are local, so it is ``plan.group_sizes``; an expert-parallel
+        experts are local, so it is ``plan.rows_per_expert``; an expert-parallel
         dispatcher returns the rows it received for its own experts instead.
         """
-        return gather_rows(x, plan.assignment_index, plan.num_slots), plan.group_sizes
+        return gather_rows(x, plan.assignment_index, plan.num_slots), plan.rows_per_expert
 
     def combine(self, rows: Tensor, plan: DispatchPlan) -> Tensor:
         """Expert outputs ``[N, d]`` -> ``[T, d]``: sum of gate * output per token."""
         weighted = rows * plan.row_gates.to(rows.dtype).unsqueeze(1)
+        if plan.row_mask is not None:
+            # where, not only the zero gate: a non-finite output of a discarded row
+            # (e.g. fp16 overflow on padding) must not reach the token.
+            weighted = torch.where(plan.row_mask.unsqueeze(1), weighted, torch.zeros_like(weighted))
         return scatter_rows(weighted, plan.assignment_index, plan.num_tokens, plan.num_slots)

@@ -138,7 +138,8 @@ class AllToAllDispatcher:
         self.rank = group_rank(group)
         self.num_experts = num_experts
         self.num_local_experts = _check_divisible(num_experts, self.world_size)
-        self._sort = SortDispatcher(num_experts)
+        # compact: only kept rows travel (the splits are read on the host anyway).
+        self._sort = SortDispatcher(num_experts, layout="compact")
 
     def plan(self, routing: Routing) -> ExpertParallelPlan:
         """This rank's sort plan, then the count exchange (collective)."""

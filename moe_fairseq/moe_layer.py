@@ -57,7 +57,7 @@ class MoEStats:
 
     def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
         """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
-        n = routing.expert_index.size(0)
+        n = routing.expert_index.size(0) if routing.token_mask is None else routing.token_mask.sum()
         self.assignments += plan.requested.sum()
         self.dropped += plan.requested.sum() - plan.group_sizes.sum()
         self.expert_load += plan.requested
@@ -67,8 +67,10 @@ class MoEStats:
             self.token_passes = (self.token_passes + 1 if pos is None
                                  else self.token_passes.index_add(0, pos, torch.ones_like(pos)))
         if routing.probs is not None and routing.probs.size(0) > 0:
-            self.entropy_sum += entropy_of(routing.probs) * routing.probs.size(0)
-            self.entropy_count += routing.probs.size(0)
+            mask = routing.token_mask
+            count = routing.probs.size(0) if mask is None else mask.sum()
+            self.entropy_sum += entropy_of(routing.probs, mask) * count
+            self.entropy_count += count
 
     @property
     def starved_fraction(self) -> Tensor:
@@ -154,7 +156,14 @@ class MoELayer(nn.Module):
         stream = None
         if self.router.num_passes > 1 or self.returns_block_output:
             stream = flat if residual is None else residual.reshape(-1, shape[-1])
-        if padding_mask is not None:
+        if padding_mask is not None and self.routes_padded_batch:
+            # The router sees every row and gives padding no expert: no host sync.
+            token_mask = ~padding_mask.reshape(-1).to(torch.bool)
+            out = self._route_and_compute(flat, stream, dropout, token_mask=token_mask)
+            # Padding outputs 0 (output mixing would otherwise hand it x back).
+            out = torch.where(token_mask.unsqueeze(1), out, torch.zeros_like(out))
+        elif padding_mask is not None:
+            # Gathering the tokens needs their count on the host (nonzero): a sync.
             token_pos = (~padding_mask.reshape(-1).to(torch.bool)).nonzero().squeeze(1)
             if stream is not None:
                 stream = gather_rows(stream, token_pos)
@@ -169,12 +178,21 @@ class MoELayer(nn.Module):
             self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
         return out.reshape(shape)
 
+    @property
+    def routes_padded_batch(self) -> bool:
+        """Whether padding is masked inside the router (single-pass routers that
+        accept a ``token_mask``) rather than removed before it."""
+        return (self.router.accepts_token_mask and self.router.num_passes == 1
+                and not self.returns_block_output)
+
     def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None,
-                           dropout: Optional[nn.Module] = None) -> Tensor:
+                           dropout: Optional[nn.Module] = None,
+                           token_mask: Optional[Tensor] = None) -> Tensor:
         """tokens ``[T, d]`` -> sum over passes of the gated expert outputs ``[T, d]``
         (or, for a ``stream_output`` router, the block output ``[T, d]``).
 
         ``stream`` ``[T, d]``: the tokens' residual streams, for multi-pass routers.
+        ``token_mask`` ``[T]`` bool (single-pass routers only): False rows are padding.
         """
         E = self.num_experts
         P = self.router.num_passes
@@ -182,7 +200,7 @@ class MoELayer(nn.Module):
         device = tokens.device
         zero = torch.zeros((), dtype=torch.long, device=device)
         stats = MoEStats(
-            tokens=zero + T,
+            tokens=zero + (T if token_mask is None else token_mask.sum()),
             assignments=zero.clone(),
             dropped=zero.clone(),
             expert_load=torch.zeros(E, dtype=torch.long, device=device),
@@ -217,7 +235,8 @@ class MoELayer(nn.Module):
                     continue
                 s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
                 h = self.router.pass_input(s, pass_index)
-            routing = self.router(h, pass_index)
+            routing = (self.router(h, pass_index) if token_mask is None
+                       else self.router(h, pass_index, token_mask=token_mask))
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)
@@ -230,7 +249,7 @@ class MoELayer(nn.Module):
 
             # Empty passes add their (zero, graph-connected) losses but do not
             # count, so a rank's losses do not depend on how many ranks there are.
-            routed_passes += int(h.size(0) > 0)
+            routed_passes += int(h.size(0) > 0)  # sizes are host ints: no sync
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
             stats.record_pass(pass_index, routing, plan, pos)

@@ -7,6 +7,7 @@ Flags are spelled as in fairseq's MoE branch (``--moe-expert-count``, ``--moe-fr
 """
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -36,7 +37,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-capacity-factor", type=float, metavar="C",
                        help="training capacity per expert, by --moe-capacity-rule (default "
                             "ceil(C * k * tokens / E)); assignments past it are dropped and "
-                            "the token's residual passes through (default 1.0)")
+                            "the token's residual passes through (default 1.0); 0 = dropless: "
+                            "no capacity limit in training, no token is ever dropped")
     group.add_argument("--moe-capacity-rule", type=str, metavar="RULE",
                        help=f"training capacity rule, one of {list(CAPACITY_RULES)}: joint = "
                             "ceil(C*k*T/E) (default), per-slot = k*ceil(C*T/E) (fairseq's "
@@ -278,9 +280,10 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             f"--moe-router must be one of {sorted(ROUTERS)}, got {args.moe_router!r}"
         )
-    if not args.moe_capacity_factor > 0:
+    C = args.moe_capacity_factor
+    if not (C == 0 or (C > 0 and math.isfinite(C))):
         raise MoEConfigError(
-            f"--moe-capacity-factor must be > 0, got {args.moe_capacity_factor}"
+            f"--moe-capacity-factor must be a finite number > 0, or 0 for dropless routing, got {C}"
         )
     frac = args.moe_eval_capacity_token_fraction
     if not (frac == -1 or 0 < frac <= 1):

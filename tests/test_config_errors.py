@@ -17,7 +17,7 @@ BAD_CONFIGS = {
     "top2-with-one-expert": (["--moe-top-k", "2", "--moe-expert-count", "1"],
                              ["--moe-top-k", "--moe-expert-count"]),
     "top-k-3": (["--moe-top-k", "3"], ["--moe-top-k"]),
-    "capacity-factor-0": (["--moe-capacity-factor", "0"], ["--moe-capacity-factor"]),
+    "capacity-factor-inf": (["--moe-capacity-factor", "inf"], ["--moe-capacity-factor"]),
     "capacity-factor-negative": (["--moe-capacity-factor", "-1"], ["--moe-capacity-factor"]),
     "eval-capacity-fraction-1.5": (["--moe-eval-capacity-token-fraction", "1.5"],
                                    ["--moe-eval-capacity-token-fraction"]),

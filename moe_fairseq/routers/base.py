@@ -23,7 +23,7 @@ that pass the token's running residual stream, transformed by
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,8 @@ class Routing:
 
     expert_index: Tensor  # [T, k] int64, -1 = no expert
     gates: Tensor  # [T, k] float32
-    capacity: Optional[int]
+    # None = no limit; a 0-dim int64 tensor when computed from a masked batch.
+    capacity: Union[None, int, Tensor]
     # Differentiable losses this pass adds (name -> scalar tensor). The criterion
     # weighs them: "balance" by --moe-gate-loss-wt, "z" by --moe-router-z-loss-wt;
     # other names are weighed by the router's own flags and reported as they are.
@@ -54,6 +55,10 @@ class Routing:
     # experts do not use, y = sum_kept g_j FFN_j(x) + (1 - sum_kept g_j) x; a token
     # dropped for capacity outputs x itself.
     mix_input: bool = False
+    # [T] bool when the router was given the whole padded batch (Router.accepts_token_mask):
+    # False rows are padding, have expert_index -1 and are left out of losses and
+    # statistics. None = every row is a token.
+    token_mask: Optional[Tensor] = None
 
 
 class Router(nn.Module):
@@ -78,9 +83,15 @@ class Router(nn.Module):
     num_experts: int
     num_passes: int = 1
     stream_output: bool = False
+    # Single-pass routers that set this take ``token_mask`` and route the whole
+    # padded batch; the layer then needs no host sync to remove the padding.
+    # Others get the non-padding tokens only (gathered with ``nonzero``, a sync).
+    accepts_token_mask: bool = False
 
-    def route(self, x: Tensor, pass_index: int = 0) -> Routing:
-        """x: ``[T, d]`` token vectors (padding already removed) -> :class:`Routing`."""
+    def route(self, x: Tensor, pass_index: int = 0, token_mask: Optional[Tensor] = None) -> Routing:
+        """x: ``[T, d]`` token vectors -> :class:`Routing`. ``token_mask`` ``[T]`` bool
+        (only for ``accepts_token_mask`` routers): False rows are padding, which get
+        expert -1 and stay out of capacity and losses; None = every row is a token."""
         raise NotImplementedError
 
     def pass_stream(self, z: Tensor, pass_index: int) -> Tensor:
@@ -97,8 +108,12 @@ class Router(nn.Module):
         """``stream_output`` routers: the block output ``[T, d]`` from the final streams."""
         return z
 
-    def forward(self, x: Tensor, pass_index: int = 0) -> Routing:
-        return self.route(x, pass_index)
+    def forward(self, x: Tensor, pass_index: int = 0, token_mask: Optional[Tensor] = None) -> Routing:
+        if token_mask is None:
+            return self.route(x, pass_index)
+        if not self.accepts_token_mask:
+            raise TypeError(f"{type(self).__name__} does not take a token_mask")
+        return self.route(x, pass_index, token_mask=token_mask)
 
 
 # Training capacity rules (``--moe-capacity-rule``), C = capacity factor, k = top-k,
@@ -112,39 +127,62 @@ CAPACITY_RULES = ("joint", "per-slot", "tokens")
 
 
 def capacity_for(
-    num_tokens: int,
+    num_tokens: Union[int, Tensor],
     num_experts: int,
     top_k: int,
     training: bool,
     capacity_factor: float,
     eval_capacity_token_fraction: float,
     rule: str = "joint",
-) -> Optional[int]:
+) -> Union[None, int, Tensor]:
     """Expert capacity as in GShard/Switch and fairseq's MoE branch.
 
-    Training: by ``rule`` (see ``CAPACITY_RULES``; default ``ceil(C * k * T / E)``).
+    Training: by ``rule`` (see ``CAPACITY_RULES``; default ``ceil(C * k * T / E)``);
+    ``capacity_factor == 0`` means dropless (no limit, as in MegaBlocks).
     Inference: ``ceil(fraction * T)``, where a fraction <= 0 or >= 1 means no limit
     (an expert can never receive more than T assignments in one pass).
+
+    ``num_tokens`` may be a 0-dim int64 tensor (the tokens of a masked batch, still
+    on the device): the capacity is then a 0-dim int64 tensor computed there in
+    float64, equal to the int the same formula gives, with no host sync.
     """
+    if training and rule not in CAPACITY_RULES:
+        raise ValueError(f"--moe-capacity-rule must be one of {list(CAPACITY_RULES)}, got {rule!r}")
+    if training and capacity_factor == 0:
+        return None
+    frac = eval_capacity_token_fraction
+    if not training and (frac <= 0 or frac >= 1):
+        return None
+    if isinstance(num_tokens, Tensor):
+        T = num_tokens.to(torch.float64)
+        if not training:
+            cap = torch.ceil(frac * T)
+        elif rule == "joint":
+            cap = torch.ceil(capacity_factor * top_k * T / num_experts)
+        elif rule == "per-slot":
+            cap = top_k * torch.ceil(capacity_factor * T / num_experts)
+        else:
+            cap = torch.floor(capacity_factor * T)
+        cap = cap.clamp_min(1).to(torch.long)
+        return torch.where(num_tokens > 0, cap, torch.zeros_like(cap))
     if num_tokens == 0:
         return 0
-    if training:
-        if rule == "joint":
-            return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
-        if rule == "per-slot":
-            return max(1, top_k * math.ceil(capacity_factor * num_tokens / num_experts))
-        if rule == "tokens":
-            return max(1, int(capacity_factor * num_tokens))
-        raise ValueError(f"--moe-capacity-rule must be one of {list(CAPACITY_RULES)}, got {rule!r}")
-    frac = eval_capacity_token_fraction
-    if frac <= 0 or frac >= 1:
-        return None
-    return max(1, math.ceil(frac * num_tokens))
+    if not training:
+        return max(1, math.ceil(frac * num_tokens))
+    if rule == "joint":
+        return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    if rule == "per-slot":
+        return max(1, top_k * math.ceil(capacity_factor * num_tokens / num_experts))
+    return max(1, int(capacity_factor * num_tokens))
 
 
-def entropy_of(probs: Tensor) -> Tensor:
-    """Mean per-token entropy (nats) of ``probs [T, E]``; 0 for no tokens."""
+def entropy_of(probs: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean per-token entropy (nats) of ``probs [T, E]`` over the tokens of
+    ``token_mask [T]`` (None = all rows); 0 for no tokens."""
     if probs.numel() == 0:
         return probs.new_zeros(())
     p = probs.float()
-    return -(p * torch.log(p.clamp_min(1e-9))).sum(-1).mean()
+    h = -(p * torch.log(p.clamp_min(1e-9))).sum(-1)
+    if token_mask is None:
+        return h.mean()
+    return torch.where(token_mask, h, torch.zeros_like(h)).sum() / token_mask.sum().clamp_min(1)

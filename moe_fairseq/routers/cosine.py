@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Routing
-from .losses import router_z_loss
-from .top_k import TopKRouter
+from .losses import count_per_expert, masked_mean, router_z_loss
+from .top_k import TopKRouter, mask_padding, num_tokens
 
 VAR_TYPES = ("cluster", "global", "gap")
 MIN_TAU = 1e-4
@@ -64,7 +64,8 @@ def _masked_unbiased_var(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def moec_variance(probs: Tensor, clusters: int, var_type: str,
-                  kept: Optional[Tensor] = None) -> Tensor:
+                  kept: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
+                  num_kept: Optional[int] = None) -> Tensor:
     """MoEC's variance term ``Var`` (before the ``n * var_coef / T`` factor).
 
     probs: ``[T, E]`` fixed-temperature routing probabilities (differentiable);
@@ -72,6 +73,8 @@ def moec_variance(probs: Tensor, clusters: int, var_type: str,
     ``kept``: ``[E]`` bool, the experts scored (None = all); the others are left
     out. Every cluster keeps the same number of experts, so the authors'
     "contiguous blocks of the surviving columns" are the clusters' survivors.
+    ``token_mask``: ``[T]`` bool, the rows that are tokens (None = all).
+    ``num_kept``: how many ``kept`` are true, when the caller knows (else counted).
 
     - ``cluster`` (their coef_type 1): ``(1/G) sum_g`` unbiased variance of ``me``
       over the kept experts of cluster g (0 for a cluster with fewer than two);
@@ -84,7 +87,11 @@ def moec_variance(probs: Tensor, clusters: int, var_type: str,
     if probs.size(0) == 0:
         return probs.sum() * 0.0
     E = probs.size(1)
-    me = probs.sum(dim=0)
+    if token_mask is None:
+        me, T = probs.sum(dim=0), probs.size(0)
+    else:
+        me = torch.where(token_mask.unsqueeze(1), probs, torch.zeros_like(probs)).sum(dim=0)
+        T = token_mask.sum().to(probs.dtype).clamp_min(1.0)
     if kept is None:
         kept = torch.ones(E, dtype=torch.bool, device=probs.device)
     if var_type == "global":
@@ -94,8 +101,11 @@ def moec_variance(probs: Tensor, clusters: int, var_type: str,
     if var_type == "cluster":
         return var
     if var_type == "gap":
-        mean = (me / probs.size(0))[kept]
-        chunks = mean.sort(descending=True).values.view(clusters, -1).mean(dim=1)
+        # The kept experts' means, largest first: dropped ones sort last and are cut
+        # (a boolean index would sync with the host).
+        n_kept = int(kept.sum()) if num_kept is None else num_kept
+        mean = (me / T).masked_fill(~kept, float("-inf"))
+        chunks = mean.sort(descending=True).values[:n_kept].view(clusters, -1).mean(dim=1)
         return var / torch.exp(chunks[0] - chunks[1])
     raise ValueError(f"--moec-var-type must be one of {list(VAR_TYPES)}, got {var_type!r}")
 
@@ -183,6 +193,7 @@ class CosineRouter(TopKRouter):
         self.tau = nn.Parameter(torch.tensor(0.07))
         self.register_buffer("dropout_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("kept_experts", torch.ones(num_experts, dtype=torch.bool))
+        self._host_calls: Optional[int] = None  # see _step_dropout
 
     # ------------------------------------------------------------------ scores
 
@@ -207,10 +218,20 @@ class CosineRouter(TopKRouter):
         return kept.view(-1)
 
     def _step_dropout(self) -> None:
-        calls = int(self.dropout_calls)
+        # A host copy of the counter: reading the buffer on a GPU every call would
+        # sync; it is read once after construction or a checkpoint load.
+        if self._host_calls is None:
+            self._host_calls = int(self.dropout_calls)
+        calls = self._host_calls
         if calls % self.dropout_interval == 0:
-            self.kept_experts.copy_(self.sample_kept(calls // self.dropout_interval))
+            kept = self.sample_kept(calls // self.dropout_interval)
+            self.kept_experts.copy_(kept, non_blocking=True)
         self.dropout_calls += 1
+        self._host_calls = calls + 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host_calls = None  # dropout_calls may change: read it again
+        super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ routing
 
@@ -220,7 +241,7 @@ class CosineRouter(TopKRouter):
             return int(self.clusters * kept_per_cluster(self.cluster_size, self.expert_dropout))
         return self.num_experts
 
-    def route(self, x: Tensor, pass_index: int = 0) -> Routing:
+    def route(self, x: Tensor, pass_index: int = 0, token_mask: Optional[Tensor] = None) -> Routing:
         if self.dropout_active():
             self._step_dropout()
         cos = self.cosine(x)  # [T, E]
@@ -239,14 +260,15 @@ class CosineRouter(TopKRouter):
         else:
             gate = probs.gather(1, chosen)
         gate = torch.where(expert_index >= 0, gate, torch.zeros_like(gate))
+        expert_index, gate = mask_padding(expert_index, gate, token_mask)
         gate, after_drop = self.normalized_gates(gate)
         n = self.num_scored()
-        losses = self.moec_losses(cos, first, kept, n)
-        losses["z"] = router_z_loss(scores)
+        losses = self.moec_losses(cos, first, kept, n, token_mask)
+        losses["z"] = router_z_loss(scores, token_mask)
         return Routing(
-            expert_index, gate, self.capacity(x.size(0), n), losses, probs.detach(),
-            normalize_after_drop=after_drop,
-            mix_input=self.output_mixing,
+            expert_index, gate, self.capacity(num_tokens(x, token_mask), n), losses,
+            probs.detach(), normalize_after_drop=after_drop, mix_input=self.output_mixing,
+            token_mask=token_mask,
         )
 
     def _scores(self, cos: Tensor) -> Tensor:
@@ -267,28 +289,31 @@ class CosineRouter(TopKRouter):
         w = F.normalize(self.wg.weight.to(h.dtype), dim=-1)
         return F.linear(h, w)
 
-    def moec_losses(self, cos: Tensor, first: Tensor, kept: Optional[Tensor], n: int) -> dict:
+    def moec_losses(self, cos: Tensor, first: Tensor, kept: Optional[Tensor], n: int,
+                    token_mask: Optional[Tensor] = None) -> dict:
         """The authors' ``l_aux`` split in two named terms, divided by T (module docstring).
 
-        cos ``[T, E]``; first ``[T]`` first choices; kept ``[E]`` bool or None; n experts scored.
+        cos ``[T, E]``; first ``[T]`` first choices; kept ``[E]`` bool or None; n experts
+        scored; token_mask ``[T]`` bool or None (False rows are padding, left out).
         """
-        T = cos.size(0)
-        if T == 0:
+        if cos.size(0) == 0:
             zero = cos.sum() * 0.0
             return {"balance": zero, **({"moec_var": zero} if self.var_coef else {})}
         scores = cos / LOSS_TEMPERATURE
         if kept is not None:
             scores = scores.masked_fill(~kept, float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        share = torch.bincount(first, minlength=self.num_experts).to(p.dtype) / T
+        weight = (torch.ones_like(p[:, 0]) if token_mask is None
+                  else token_mask.to(p.dtype))
+        T = weight.sum().clamp_min(1.0)
+        share = count_per_expert(first, self.num_experts, weight) / T
+        # Dropped experts' terms are masked out (not indexed out: no host sync).
+        terms = masked_mean(p, token_mask) * (share + 1e-6)
         if kept is not None:
-            share = share[kept]
-            p_kept = p[:, kept]
-        else:
-            p_kept = p
-        losses = {"balance": n * torch.sum(p_kept.mean(dim=0) * (share + 1e-6))}
+            terms = torch.where(kept, terms, torch.zeros_like(terms))
+        losses = {"balance": n * torch.sum(terms)}
         if self.var_coef:
-            var = moec_variance(p, self.clusters, self.var_type, kept)
+            var = moec_variance(p, self.clusters, self.var_type, kept, token_mask, num_kept=n)
             losses["moec_var"] = n * self.var_coef * var / T
         return losses
 

@@ -1,5 +1,7 @@
 """Linear top-1 / top-2 router (Switch / GShard, as in fairseq's MoE branch)."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +13,21 @@ SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 # At inference: the second-best expert (ours, deterministic) or a Gumbel-sampled
 # one (fairseq's top2gating and the SMoE authors' code sample at generation too).
 EVAL_SECOND_EXPERT_POLICIES = ("all", "sampling")
+
+
+def num_tokens(x: Tensor, token_mask: Optional[Tensor]):
+    """Tokens among the rows of ``x [T, d]``: an int, or a 0-dim tensor under a mask."""
+    return x.size(0) if token_mask is None else token_mask.sum()
+
+
+def mask_padding(expert_index: Tensor, gates: Tensor, token_mask: Optional[Tensor]):
+    """Padding rows (``token_mask`` False) get expert -1 and gate 0 in every slot.
+    expert_index ``[T, k]``, gates ``[T, k]``."""
+    if token_mask is None:
+        return expert_index, gates
+    m = token_mask.unsqueeze(1)
+    return (torch.where(m, expert_index, torch.full_like(expert_index, -1)),
+            torch.where(m, gates, torch.zeros_like(gates)))
 
 
 class TopKRouter(Router):
@@ -84,7 +101,9 @@ class TopKRouter(Router):
         h = self.router_input(x)
         return F.linear(h, self.wg.weight.to(h.dtype))
 
-    def route(self, x: Tensor, pass_index: int = 0) -> Routing:
+    accepts_token_mask = True
+
+    def route(self, x: Tensor, pass_index: int = 0, token_mask: Optional[Tensor] = None) -> Routing:
         logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
         first = probs.argmax(dim=-1)
@@ -94,16 +113,16 @@ class TopKRouter(Router):
             second, g2 = self._second_choice(logits, probs, first)
             index.append(second)
             gates.append(g2)
-        expert_index = torch.stack(index, dim=1)
-        gate = torch.stack(gates, dim=1)
+        expert_index, gate = mask_padding(torch.stack(index, dim=1), torch.stack(gates, dim=1),
+                                          token_mask)
         gate, after_drop = self.normalized_gates(gate)
         losses = {
-            "balance": load_balance_loss(probs, first, self.num_experts),
-            "z": router_z_loss(logits),
+            "balance": load_balance_loss(probs, first, self.num_experts, token_mask),
+            "z": router_z_loss(logits, token_mask),
         }
-        capacity = self.capacity(x.size(0), self.num_experts)
+        capacity = self.capacity(num_tokens(x, token_mask), self.num_experts)
         return Routing(expert_index, gate, capacity, losses, probs.detach(),
-                       normalize_after_drop=after_drop)
+                       normalize_after_drop=after_drop, token_mask=token_mask)
 
     def normalized_gates(self, gate: Tensor):
         """Top-2 gate normalisation: ``gate [T, k]`` -> (gates, whether the dispatcher
@@ -115,8 +134,9 @@ class TopKRouter(Router):
             return gate / gate.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps), False
         return gate, True
 
-    def capacity(self, num_tokens: int, num_experts: int):
-        """Per-expert capacity for ``num_tokens`` tokens choosing among ``num_experts``."""
+    def capacity(self, num_tokens, num_experts: int):
+        """Per-expert capacity for ``num_tokens`` (int or 0-dim tensor) tokens choosing
+        among ``num_experts``."""
         return capacity_for(num_tokens, num_experts, self.top_k, self.training,
                             self.capacity_factor, self.eval_capacity_token_fraction,
                             self.capacity_rule)
