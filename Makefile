@@ -4,6 +4,9 @@
 #   make test       run the test suite (PYTEST_ARGS="-k foo" to pass arguments)
 #   make demo       the main job: Bible m4 subset, tiny dense vs MoE vs SMoE on CPU, BLEU/chrF table
 #   make bench      CPU micro-benchmark of the MoE layer
+#   make gpu-check  on a CUDA machine: gpu tests, fp16/bf16 training, H100 benchmarks (~3 min)
+#   make gpu-compare  dense vs MoE vs SMoE vs MoEC, same training time each, Bible m4, BLEU/chrF
+#                   (base models on CUDA, tiny on CPU; GPU_COMPARE_ARGS="--data DIR ..." passes flags)
 #   make clean      remove build artefacts (keeps .venv)
 #   make distclean  clean + remove .venv
 
@@ -12,12 +15,13 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.install-stamp
 PYTEST_ARGS ?=
+GPU_COMPARE_ARGS ?=
 
 TORCH_REQ   := torch==2.13.0
 FAIRSEQ_REQ := ve-fairseq==0.12.3
 
 .DEFAULT_GOAL := venv
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test demo bench gpu-compare clean distclean
 
 venv: $(STAMP)
 
@@ -45,6 +49,16 @@ demo: venv
 bench: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) scripts/bench_moe_layer.py --device cpu --dtype float32 \
 		--tokens 4096 --embed-dim 256 --ffn-dim 1024 --experts 8 --top-k 2
+
+gpu-compare: venv
+	$(PY) scripts/gpu_compare.py $(GPU_COMPARE_ARGS)
+
+# The lent GPU machine has no .venv (its python3 holds torch; fairseq comes as
+# carried wheels on PYTHONPATH): use the venv only where it exists.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info

@@ -106,6 +106,9 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
         # "auto" probes grouped_mm; "loop" forces the per-expert path (tests, benchmarks).
         self.impl = "auto"
+        # Grouped path: per-row biases by a one-hot GEMM ("matmul") or by
+        # repeat_interleave ("repeat", the earlier way; kept for benchmarks).
+        self.bias_impl = "matmul"
         # Expert parallelism: this bank holds experts [shard_rank * E_l, (shard_rank + 1) * E_l)
         # of num_shards * E_l experts in all (E_l = self.num_experts).
         self.shard_rank = 0
@@ -184,6 +187,25 @@ class ExpertBank(nn.Module):
             return False
         return grouped_mm_supported(rows.device, rows.dtype, self.embed_dim, self.ffn_dim)
 
+    def _row_onehot(self, group_sizes: Tensor, rows: Tensor) -> Tensor:
+        """``[N, E]`` one-hot of each row's expert, in the rows' dtype."""
+        n = rows.size(0)
+        experts = torch.arange(group_sizes.numel(), device=rows.device)
+        owner = torch.repeat_interleave(experts, group_sizes, output_size=n)
+        return (owner.unsqueeze(1) == experts.unsqueeze(0)).to(rows.dtype)
+
+    def _add_bias(self, h: Tensor, onehot: Tensor, bias: Tensor, group_sizes: Tensor) -> Tensor:
+        """``h [N, k] + bias[expert of row]`` with ``bias [E, k]``.
+
+        One GEMM with beta = 1 (``h + onehot @ bias``): no ``[N, k]`` copy of the
+        biases, and the bias gradient is ``onehot^T @ grad``, a small GEMM, instead
+        of the atomic scatter-add that indexing or ``repeat_interleave`` would do
+        backward into E rows.
+        """
+        if self.bias_impl == "repeat":
+            return h + bias.repeat_interleave(group_sizes, dim=0, output_size=h.size(0))
+        return torch.addmm(h, onehot, bias)
+
     def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """rows ``[N, d]`` grouped by expert, group_sizes ``[E]`` (sum N) -> ``[N, d]``."""
         if self.sublayers > 1:
@@ -193,12 +215,10 @@ class ExpertBank(nn.Module):
             w1, b1, w2, b2 = (p.to(rows.dtype) for p in (w1, b1, w2, b2))
         if self.use_grouped_mm(rows):
             offs = torch.cumsum(group_sizes, 0).to(torch.int32)
-            n = rows.size(0)
+            onehot = self._row_onehot(group_sizes, rows)
             h = torch._grouped_mm(rows, w1, offs=offs)
-            h = h + b1.repeat_interleave(group_sizes, dim=0, output_size=n)
-            h = self._act(h)
-            y = torch._grouped_mm(h, w2, offs=offs)
-            return y + b2.repeat_interleave(group_sizes, dim=0, output_size=n)
+            h = self._act(self._add_bias(h, onehot, b1, group_sizes))
+            return self._add_bias(torch._grouped_mm(h, w2, offs=offs), onehot, b2, group_sizes)
         outs = []
         # unbind once: indexing w1[e] per expert would make backward write a full
         # [E, d, f] zero tensor per expert.
@@ -231,21 +251,18 @@ class ExpertBank(nn.Module):
         d = self.embed_dim
         if self.use_grouped_mm(rows):
             offs = torch.cumsum(group_sizes, 0).to(torch.int32)
-            n_rows = rows.size(0)
-
-            def per_row(p: Tensor) -> Tensor:
-                # [E, k] -> [N_rows, k]: each row gets its expert's vector.
-                return p.repeat_interleave(group_sizes, dim=0, output_size=n_rows)
-
+            onehot = self._row_onehot(group_sizes, rows)
             x = rows
             for n in range(self.sublayers):
                 # grouped_mm wants each [E, d, f] weight contiguous.
-                h = torch._grouped_mm(x, w1[:, n].contiguous(), offs=offs) + per_row(b1[:, n])
+                h = self._add_bias(torch._grouped_mm(x, w1[:, n].contiguous(), offs=offs),
+                                   onehot, b1[:, n], group_sizes)
                 h = self._act(h)
-                y = torch._grouped_mm(h, w2[:, n].contiguous(), offs=offs) + per_row(b2[:, n])
+                y = self._add_bias(torch._grouped_mm(h, w2[:, n].contiguous(), offs=offs),
+                                   onehot, b2[:, n], group_sizes)
                 # LayerNorm's affine differs per expert: normalise, then apply it per row.
                 x = F.layer_norm(x + y, (d,), eps=LN_EPS)
-                x = x * per_row(ln_w[:, n]) + per_row(ln_b[:, n])
+                x = self._add_bias(x * (onehot @ ln_w[:, n]), onehot, ln_b[:, n], group_sizes)
             return x
         outs = []
         # unbind once (see forward): per-expert [N, ...] views, then per sublayer.

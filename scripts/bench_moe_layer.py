@@ -23,8 +23,9 @@ Capacity: training capacity is ``ceil(capacity_factor * k * T / E)`` per expert
 (default factor 1.25, the usual GShard/fairseq value). Assignments past
 capacity are dropped, so the MoE may do *fewer* expert FLOPs than the dense
 reference; the overflow (dropped / requested assignments) is printed next to the
-timings. ``--capacity-factor 0`` means "no drops" (factor ``E / k``, capacity =
-``T``), which gives an exact FLOP match.
+timings. ``--capacity-factor 0`` is dropless routing (the router's own
+``--moe-capacity-factor 0``: no capacity, nothing dropped), which gives an exact FLOP
+match.
 
 Timing: ``--warmup`` untimed MoE+dense steps, then ``--repeats`` timed steps of
 each, **interleaved** (MoE, dense, dense, MoE, MoE, dense, ...: the order
@@ -92,7 +93,7 @@ def parse_args(argv=None):
         "--capacity-factor",
         type=float,
         default=1.25,
-        help="training capacity factor (0 = no drops: factor E/k)",
+        help="training capacity factor (0 = dropless routing)",
     )
     p.add_argument(
         "--second-expert-policy", default="all", choices=("all", "sampling", "random")
@@ -103,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--impl", default="auto", choices=("auto", "loop"), help="ExpertBank path")
+    p.add_argument("--bias-impl", default="matmul", choices=("matmul", "repeat"),
+                   help="grouped path: per-row expert biases by a one-hot GEMM or repeat_interleave")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table")
     p.add_argument("--no-phases", action="store_true", help="skip the instrumented phase pass")
@@ -125,7 +128,7 @@ class DenseFFN(nn.Module):
 
 def build(args, device, dtype):
     d, f, E, k = args.embed_dim, args.ffn_dim, args.experts, args.top_k
-    cf = args.capacity_factor if args.capacity_factor > 0 else E / k
+    cf = args.capacity_factor
     if args.smoe_strata:
         strata = parse_strata(args.smoe_strata)
         if sum(strata) != E:
@@ -140,6 +143,7 @@ def build(args, device, dtype):
         nn.init.normal_(router.wg.weight, std=d**-0.5)
     experts = ExpertBank(E, d, f, activation_fn="relu")
     experts.impl = args.impl
+    experts.bias_impl = args.bias_impl
     moe = MoELayer(router, experts).to(device=device, dtype=dtype).train()
     dense = DenseFFN(d, k * f).to(device=device, dtype=dtype).train()
     return moe, dense, cf
@@ -297,7 +301,7 @@ def main(argv=None):
     print(f"tokens={T} embed_dim={d} ffn_dim={args.ffn_dim} experts={E} top_k={k} "
           f"dense_hidden={k * args.ffn_dim}")
     print(f"policy={args.second_expert_policy} capacity_factor={cf:g} capacity={routing.capacity} "
-          f"expert_bank_path={path} (impl={args.impl})")
+          f"expert_bank_path={path} (impl={args.impl}, bias_impl={args.bias_impl})")
     print(f"assignments={requested} dropped={dropped} overflow_fraction={dropped / max(requested, 1):.4f} "
           f"kept_rows={requested - dropped} (dense-equivalent rows={T * k})")
     print(f"expert_load={load}")

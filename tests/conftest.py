@@ -266,3 +266,8 @@ def trained(data_bin, tmp_path_factory) -> TrainedRun:
     )
     proc = run_cli("train", args)
     return TrainedRun(data_bin, save_dir, tb_dir, proc, TRAINED_MAX_UPDATE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device (skips with a reason without one; make gpu-check)")
