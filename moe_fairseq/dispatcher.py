@@ -43,29 +43,42 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, copies: int) -> Tensor:
+    def forward(ctx, x: Tensor, index: Tensor, copies: int, covers_all: bool) -> Tensor:
         num_rows = x.size(0)
         ctx.save_for_backward(index)
         ctx.shape = (copies, num_rows, x.size(1))
+        ctx.covers_all = covers_all
         return x.index_select(0, index % max(num_rows, 1))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
         copies, num_rows, dim = ctx.shape
-        stack = grad.new_zeros(copies * num_rows, dim).index_copy_(0, index, grad)
-        return stack.view(copies, num_rows, dim).sum(0), None, None
+        stack = _stack_of(grad, copies * num_rows, ctx.covers_all).index_copy_(0, index, grad)
+        return stack.view(copies, num_rows, dim).sum(0), None, None, None
 
 
-def gather_rows(x: Tensor, index: Tensor, copies: int = 1) -> Tensor:
-    """Rows ``x[index % T]`` for distinct ``index`` in ``[0, copies * T)``; x ``[T, d]``."""
-    return _GatherRows.apply(x, index, copies)
+def _stack_of(like: Tensor, rows: int, covers_all: bool) -> Tensor:
+    # A stack every row of which is written next needs no zero fill.
+    if covers_all:
+        return like.new_empty(rows, like.size(1))
+    return like.new_zeros(rows, like.size(1))
 
 
-def scatter_rows(rows: Tensor, index: Tensor, num_rows: int, copies: int = 1) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor, copies: int = 1, covers_all: bool = False) -> Tensor:
+    """Rows ``x[index % T]`` for distinct ``index`` in ``[0, copies * T)``; x ``[T, d]``.
+    ``covers_all``: ``index`` is a permutation of all ``copies * T`` positions."""
+    return _GatherRows.apply(x, index, copies, covers_all)
+
+
+def scatter_rows(rows: Tensor, index: Tensor, num_rows: int, copies: int = 1,
+                 covers_all: bool = False) -> Tensor:
     """Inverse of :func:`gather_rows` with summation: ``out[t] = sum of rows
-    placed at j * T + t``; rows ``[N, d]`` -> ``[num_rows, d]``. Absent rows are 0."""
-    stack = rows.new_zeros(copies * num_rows, rows.size(1)).index_copy(0, index, rows)
+    placed at j * T + t``; rows ``[N, d]`` -> ``[num_rows, d]``. Absent rows are 0.
+    ``covers_all``: ``index`` is a permutation of all ``copies * num_rows`` positions."""
+    # In place on a fresh stack (autograd still differentiates wrt rows): the
+    # out-of-place index_copy would first copy the whole stack.
+    stack = _stack_of(rows, copies * num_rows, covers_all).index_copy_(0, index, rows)
     if copies == 1:
         return stack
     return stack.view(copies, num_rows, rows.size(1)).sum(0)
@@ -168,7 +181,8 @@ class SortDispatcher:
             row_gates = gates_sorted[keep]
         kept_sum = None
         if routing.normalize_after_drop or routing.mix_input:
-            kept_sum = scatter_rows(row_gates.unsqueeze(1), index, num_tokens, k).squeeze(1)  # [T]
+            kept_sum = scatter_rows(row_gates.unsqueeze(1), index, num_tokens, k,
+                                    covers_all=row_mask is not None).squeeze(1)  # [T]
         if routing.normalize_after_drop:
             denom = kept_sum.clamp_min(torch.finfo(kept_sum.dtype).eps)
             row_gates = row_gates / denom[index % max(num_tokens, 1)]
@@ -192,7 +206,8 @@ class SortDispatcher:
         experts are local, so it is ``plan.rows_per_expert``; an expert-parallel
         dispatcher returns the rows it received for its own experts instead.
         """
-        return gather_rows(x, plan.assignment_index, plan.num_slots), plan.rows_per_expert
+        return (gather_rows(x, plan.assignment_index, plan.num_slots, plan.row_mask is not None),
+                plan.rows_per_expert)
 
     def combine(self, rows: Tensor, plan: DispatchPlan) -> Tensor:
         """Expert outputs ``[N, d]`` -> ``[T, d]``: sum of gate * output per token."""
@@ -201,4 +216,5 @@ class SortDispatcher:
             # where, not only the zero gate: a non-finite output of a discarded row
             # (e.g. fp16 overflow on padding) must not reach the token.
             weighted = torch.where(plan.row_mask.unsqueeze(1), weighted, torch.zeros_like(weighted))
-        return scatter_rows(weighted, plan.assignment_index, plan.num_tokens, plan.num_slots)
+        return scatter_rows(weighted, plan.assignment_index, plan.num_tokens, plan.num_slots,
+                            covers_all=plan.row_mask is not None)

@@ -175,12 +175,39 @@ def test_zero_token_passes_and_empty_batches(kind):
     assert y.shape == empty.shape
 
 
+def _grouped_mm_syncs(dt) -> bool:
+    """Whether torch's own ``_grouped_mm`` syncs with the host in this dtype (torch
+    2.11 on an H100: fp16 runs a per-group fallback that reads the offsets)."""
+    x = torch.randn(16, D, device=DEVICE, dtype=dt)
+    w = torch.randn(2, D, F_DIM, device=DEVICE, dtype=dt)
+    offs = torch.tensor([8, 16], device=DEVICE, dtype=torch.int32)
+    torch._grouped_mm(x, w, offs=offs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch._grouped_mm(x, w, offs=offs)
+        return False
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["top1", "top2-sampling", "cosine"])
-def test_single_pass_forward_has_no_host_sync(kind, dtype):
+def test_single_pass_forward_has_no_host_sync(kind, dtype, monkeypatch):
     """Training forward of single-pass routers on a padded batch: no ``.item()``,
-    ``nonzero`` or device-to-host copy anywhere in the layer."""
+    ``nonzero`` or device-to-host copy anywhere in the layer's own code.
+
+    Where torch's grouped GEMM itself syncs in this dtype (fp16 on torch 2.11), it is
+    replaced for this test by the same product computed through the bf16 kernel, so
+    the rest of the layer is still checked; bf16 runs torch's kernel as is."""
+    dt = DTYPES[dtype]
+    if grouped_mm_supported(DEVICE, dt, D, F_DIM) and _grouped_mm_syncs(dt):
+        grouped_mm = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: grouped_mm(
+            a.bfloat16(), b.bfloat16(), offs=offs).to(a.dtype))
     router_kind = "top2" if kind.startswith("top2") else kind
     layer = make_layer(router_kind).to(DEVICE, DTYPES[dtype]).train()
     if kind == "top2-sampling":
