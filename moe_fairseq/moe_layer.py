@@ -113,6 +113,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.dispatcher = dispatcher
         self.stats: Optional[MoEStats] = None
+        self.padding = "auto"  # see routes_padded_batch
         # Running count of assignments per expert, for analysis tools
         # (reset with reset_expert_load); not saved in checkpoints.
         self.register_buffer(
@@ -156,7 +157,7 @@ class MoELayer(nn.Module):
         stream = None
         if self.router.num_passes > 1 or self.returns_block_output:
             stream = flat if residual is None else residual.reshape(-1, shape[-1])
-        if padding_mask is not None and self.routes_padded_batch:
+        if padding_mask is not None and self.routes_padded_batch(x):
             # The router sees every row and gives padding no expert: no host sync.
             token_mask = ~padding_mask.reshape(-1).to(torch.bool)
             out = self._route_and_compute(flat, stream, dropout, token_mask=token_mask)
@@ -178,12 +179,19 @@ class MoELayer(nn.Module):
             self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
         return out.reshape(shape)
 
-    @property
-    def routes_padded_batch(self) -> bool:
-        """Whether padding is masked inside the router (single-pass routers that
-        accept a ``token_mask``) rather than removed before it."""
-        return (self.router.accepts_token_mask and self.router.num_passes == 1
-                and not self.returns_block_output)
+    def routes_padded_batch(self, x: Tensor) -> bool:
+        """Whether padding is masked inside the router rather than removed before it.
+
+        Masking needs a single-pass router that accepts a ``token_mask``. ``padding``
+        ``auto`` masks on CUDA, where removal (``nonzero``) would wait for the host,
+        and removes elsewhere: on CPU removal is cheaper and keeps CPU results
+        bit-identical to earlier versions (masked sums round in another order).
+        ``mask`` / ``remove`` force one way (tests).
+        """
+        if not (self.router.accepts_token_mask and self.router.num_passes == 1
+                and not self.returns_block_output):
+            return False
+        return self.padding == "mask" or (self.padding == "auto" and x.is_cuda)
 
     def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None,
                            dropout: Optional[nn.Module] = None,
