@@ -21,7 +21,7 @@ TORCH_REQ   := torch==2.13.0
 FAIRSEQ_REQ := ve-fairseq==0.12.3
 
 .DEFAULT_GOAL := venv
-.PHONY: venv test demo bench gpu-compare clean distclean
+.PHONY: venv test demo bench gpu-check gpu-compare clean distclean
 
 venv: $(STAMP)
 
@@ -50,12 +50,14 @@ bench: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) scripts/bench_moe_layer.py --device cpu --dtype float32 \
 		--tokens 4096 --embed-dim 256 --ffn-dim 1024 --experts 8 --top-k 2
 
-gpu-compare: venv
-	$(PY) scripts/gpu_compare.py $(GPU_COMPARE_ARGS)
-
 # The lent GPU machine has no .venv (its python3 holds torch; fairseq comes as
 # carried wheels on PYTHONPATH): use the venv only where it exists.
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+
+# No venv prerequisite: the GPU machine has no network to build one (run make venv
+# first on a fresh CPU checkout).
+gpu-compare:
+	$(GPU_PY) scripts/gpu_compare.py $(GPU_COMPARE_ARGS)
 
 gpu-check:
 	$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

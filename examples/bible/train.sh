@@ -56,6 +56,16 @@ case "$method" in
   *) echo "train.sh: error: METHOD must be dense, moe, moec or smoe, got '$method'" >&2; exit 2 ;;
 esac
 
+# --bf16 among the extra flags replaces base's --fp16 (bf16 is the fast path on
+# Hopper GPUs: torch's grouped expert GEMM has a bf16 kernel, fp16 a per-expert loop).
+for flag in "$@"; do
+  if [ "$flag" = "--bf16" ]; then
+    kept=()
+    for f in "${size_flags[@]}"; do [ "$f" = "--fp16" ] || kept+=("$f"); done
+    size_flags=("${kept[@]}")
+  fi
+done
+
 mkdir -p "$save_dir"
 exec "$python" -m fairseq_cli.train "$data/bin" \
   --user-dir "$repo/moe_fairseq" \
