@@ -107,3 +107,10 @@ def test_data_without_build_files_is_refused(small_benchmark, tmp_path):
     (partial / "manifest.json").write_text((data / "manifest.json").read_text())
     proc = run_script("--prepare-only", "--data", partial, timeout=60)
     assert proc.returncode == 2 and f"--data {partial} holds a manifest but lacks" in proc.stderr
+
+
+def test_test_cap_must_match_a_reused_build(small_benchmark):
+    data, _ = small_benchmark
+    proc = run_script("--prepare-only", "--data", data, "--max-test-verses", "7", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--max-test-verses 7" in proc.stderr and f"--data {data}" in proc.stderr
