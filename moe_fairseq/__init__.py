@@ -2,23 +2,20 @@
 
 Importing the package registers the ``moe_transformer*`` architectures and the
 ``moe_label_smoothed_cross_entropy`` criterion, makes fairseq checkpoints load on
-torch >= 2.6 through an allowlist (see ``checkpoint_compat``), keeps fairseq from
-dropping the last batch of an epoch (see ``batching_fix``), lets
-``--ddp-backend c10d`` run on CPU processes (see ``ddp_cpu_fix``), teaches fairseq's
+torch >= 2.6 through an allowlist, keeps fairseq from dropping the last batch of an
+epoch, lets ``--ddp-backend c10d`` run on CPU processes (all in ``fairseq_fixes``),
+teaches fairseq's
 trainer to save and load experts sharded over ranks (see ``expert_parallel``), lets
-``--bf16`` train on GPUs instead of fairseq's TPU path (see ``bf16_fix``), and
+``--bf16`` train on GPUs instead of fairseq's TPU path (``fairseq_fixes``), and
 prints MoE configuration errors as one line.
 """
 
 import sys
 
-from . import batching_fix, bf16_fix, checkpoint_compat, ddp_cpu_fix, expert_parallel
+from . import expert_parallel, fairseq_fixes
 from .options import MoEConfigError
 
-checkpoint_compat.install()
-batching_fix.install()
-ddp_cpu_fix.install()
-bf16_fix.install()
+fairseq_fixes.install_all()
 expert_parallel.install()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)

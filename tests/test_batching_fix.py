@@ -1,4 +1,4 @@
-"""fairseq's batch_by_size must place every index (moe_fairseq.batching_fix)."""
+"""fairseq's batch_by_size must place every index (moe_fairseq.fairseq_fixes.batching)."""
 
 import numpy as np
 

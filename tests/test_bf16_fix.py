@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from conftest import run_cli, train_args
 
-from moe_fairseq.bf16_fix import untangle_bf16_from_tpu
+from moe_fairseq.fairseq_fixes.bf16 import untangle_bf16_from_tpu
 
 
 def test_bf16_no_longer_implies_tpu_without_torch_xla():

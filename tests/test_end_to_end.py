@@ -131,7 +131,7 @@ def test_generate_loads_checkpoint_and_decodes_every_test_sentence(trained):
             "--path", trained.checkpoint_last,
             "--beam", "4", "--gen-subset", "test",
             # Default --required-batch-size-multiple (8): plain fairseq main would
-            # drop the last batch here; moe_fairseq.batching_fix gives it back.
+            # drop the last batch here; moe_fairseq.fairseq_fixes.batching gives it back.
             "--max-tokens", "2000",
             "--cpu", "--num-workers", "0",
         ],
@@ -144,7 +144,7 @@ def test_generate_loads_checkpoint_and_decodes_every_test_sentence(trained):
 
 
 def test_checkpoint_globals_are_in_the_allowlist(trained):
-    from moe_fairseq.checkpoint_compat import checkpoint_safe_globals
+    from moe_fairseq.fairseq_fixes.checkpoint_compat import checkpoint_safe_globals
 
     allowed = {f"{t.__module__}.{t.__qualname__}" for t in checkpoint_safe_globals()}
     checkpoints = [trained.checkpoint_last, trained.save_dir / "checkpoint_best.pt"]

@@ -206,7 +206,7 @@ def generate_command(args, data: str, manifest: dict, checkpoint: str, direction
         "--gen-subset", "test",
         # fairseq main's batch_by_size drops the indices left over after the last
         # full multiple of --required-batch-size-multiple (default 8): up to 7
-        # test sentences. moe_fairseq.batching_fix patches that when the plugin
+        # test sentences. moe_fairseq.fairseq_fixes.batching patches that when the plugin
         # is loaded; multiple 1 keeps every sentence with any --user-dir too.
         "--required-batch-size-multiple", "1",
         "--beam", str(args.beam), "--lenpen", str(args.lenpen),

@@ -1,0 +1,19 @@
+"""Fixes the plugin applies to fairseq itself when it is imported.
+
+Each module patches one fairseq behaviour and has an idempotent ``install()``:
+
+- ``checkpoint_compat``: fairseq checkpoints load on torch >= 2.6 through an allowlist;
+  checkpoint copies are atomic;
+- ``batching``: fairseq main no longer drops an epoch's last batch;
+- ``ddp_cpu``: ``--ddp-backend c10d`` runs on CPU processes;
+- ``bf16``: ``--bf16`` trains on GPUs instead of fairseq's TPU path.
+"""
+
+from . import batching, bf16, checkpoint_compat, ddp_cpu
+
+
+def install_all() -> None:
+    checkpoint_compat.install()
+    batching.install()
+    ddp_cpu.install()
+    bf16.install()
