@@ -56,3 +56,45 @@ def router_z_loss(logits: Tensor, token_mask: Optional[Tensor] = None) -> Tensor
     if logits.size(0) == 0:
         return logits.sum() * 0.0
     return masked_mean(torch.logsumexp(logits, dim=-1).pow(2), token_mask)
+
+
+def importance_loss(probs: Tensor, weight: float = 1.0) -> Tensor:
+    """Importance loss of Krishnamurthy et al. (arXiv 2302.14703), as their code has it:
+    ``weight * CV^2`` of the experts' importances ``I_e = sum_x p(e|x)``, where CV is
+    the unbiased standard deviation over experts divided by the mean.
+
+    probs: ``[N, E]`` gate probabilities (differentiable). 0 for E = 1 or no samples.
+    """
+    if probs.size(1) < 2 or probs.size(0) == 0:
+        return probs.sum() * 0.0
+    importance = probs.sum(dim=0)
+    return weight * (importance.std() / importance.mean()).pow(2)
+
+
+def sample_similarity_loss(probs: Tensor, x: Tensor, beta_s: float, beta_d: float) -> Tensor:
+    """Sample-similarity loss L_s of Krishnamurthy et al. (arXiv 2302.14703).
+
+    probs: ``[N, E]`` gate probabilities (differentiable); x: ``[N, ...]`` the samples
+    (flattened; not differentiated). With ``D_ij = |x_i - x_j| / max D`` (Euclidean,
+    within the batch)::
+
+        same = sum_ij (1/E) sum_e p(e|x_i) p(e|x_j) D_ij
+        diff = sum_ij 1/(E^2 - E) sum_{e != e'} p(e|x_i) p(e'|x_j) D_ij
+        L_s  = beta_s * same - beta_d * diff / N^2
+
+    As the authors coded it, only ``diff`` is divided by N^2. Minimising it keeps
+    distant samples off the same expert and spreads them over different ones.
+    Cost: O(N^2 (d + E)); callers bound N (the translation loss uses a sample).
+    """
+    N, E = probs.shape
+    if N < 2 or E < 2:
+        return probs.sum() * 0.0
+    flat = x.detach().reshape(N, -1).to(probs.dtype)
+    dist = torch.cdist(flat, flat)
+    dist = dist / dist.max().clamp_min(torch.finfo(dist.dtype).tiny)
+    pair_same = probs @ probs.t()  # [N, N]: sum_e p(e|x_i) p(e|x_j)
+    mass = probs.sum(dim=1)
+    pair_diff = mass[:, None] * mass[None, :] - pair_same  # sum over e != e'
+    same = (pair_same * dist).sum() / E
+    diff = (pair_diff * dist).sum() / (E * E - E)
+    return beta_s * same - beta_d * diff / (N * N)
