@@ -80,6 +80,9 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                             "(Switch jitter; default 0)")
     group.add_argument("--moe-expert-ffn-dim", type=int, metavar="D",
                        help="hidden size of each expert FFN (default: the layer's FFN dim)")
+    group.add_argument("--moe-attentive-dim", type=int, metavar="R",
+                       help="--moe-router attentive: size r of the query and of each expert's "
+                            "representation U_e x (default 16)")
     add_moec_args(parser)
     add_smoe_args(parser)
 
@@ -187,6 +190,7 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_output_dropout=True,
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
+        moe_attentive_dim=16,
         moec_routing_dim=32,
         moec_clusters=1,
         moec_var_coef=0.0,
@@ -332,6 +336,9 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             f"--moe-expert-ffn-dim must be a positive integer, got {args.moe_expert_ffn_dim}"
         )
+    r = args.moe_attentive_dim
+    if r is None or r < 1:
+        raise MoEConfigError(f"--moe-attentive-dim must be a positive integer, got {r}")
     validate_moec_args(args)
     validate_smoe_args(args)
     freq = args.moe_freq

@@ -27,6 +27,7 @@ from moe_fairseq.dispatcher import SortDispatcher
 from moe_fairseq.expert_bank import ExpertBank, grouped_mm_supported
 from moe_fairseq.expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
 from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.routers.attentive import AttentiveRouter
 from moe_fairseq.routers.cosine import CosineRouter
 from moe_fairseq.routers.stratified import StratifiedRouter
 from moe_fairseq.routers.top_k import TopKRouter
@@ -55,6 +56,9 @@ def make_router(kind: str) -> torch.nn.Module:
     elif kind == "top2":
         router = TopKRouter(D, E, top_k=2, capacity_factor=1.0, second_expert_policy="all",
                             normalize_gates=True)
+    elif kind == "attentive":
+        router = AttentiveRouter(D, E, attention_dim=16, top_k=2, capacity_factor=1.0,
+                                 second_expert_policy="all", normalize_gates=True)
     elif kind == "cosine":  # MoEC as its presets run it
         router = CosineRouter(D, E, top_k=1, capacity_factor=2.0, capacity_rule="tokens",
                               second_expert_policy="all", routing_dim=16, clusters=2,
@@ -67,7 +71,7 @@ def make_router(kind: str) -> torch.nn.Module:
         raise ValueError(kind)
     with torch.no_grad():
         for name, p in router.named_parameters():
-            if name.endswith("wg.weight") and kind != "cosine":
+            if (name.endswith("wg.weight") and kind != "cosine") or name == "query.weight":
                 p.mul_(4.0)
     return router
 
@@ -106,7 +110,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-@pytest.mark.parametrize("kind", ["top1", "top2", "cosine", "stratified"])
+@pytest.mark.parametrize("kind", ["top1", "top2", "attentive", "cosine", "stratified"])
 def test_layer_matches_fp64_cpu_reference(kind, dtype):
     dt, tol = DTYPES[dtype], TOL[dtype]
     layer = make_layer(kind).to(DEVICE, dt).train()
@@ -195,7 +199,7 @@ def _grouped_mm_syncs(dt) -> bool:
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("kind", ["top1", "top2-sampling", "cosine"])
+@pytest.mark.parametrize("kind", ["top1", "top2-sampling", "attentive", "cosine"])
 def test_single_pass_forward_has_no_host_sync(kind, dtype, monkeypatch):
     """Training forward of single-pass routers on a padded batch: no ``.item()``,
     ``nonzero`` or device-to-host copy anywhere in the layer's own code.

@@ -4,6 +4,7 @@
 A new routing method registers itself here and the MoE layer needs no change.
 """
 
+from .attentive import AttentiveRouter
 from .base import Router, Routing, capacity_for
 from .cosine import CosineRouter
 from .stratified import StratifiedRouter
@@ -27,6 +28,11 @@ def _top_k_kwargs(options) -> dict:
 
 def _build_linear(options, embed_dim: int) -> Router:
     return TopKRouter(embed_dim, options.expert_count, **_top_k_kwargs(options))
+
+
+def _build_attentive(options, embed_dim: int) -> Router:
+    return AttentiveRouter(embed_dim, options.expert_count,
+                           attention_dim=options.args.moe_attentive_dim, **_top_k_kwargs(options))
 
 
 def _build_cosine(options, embed_dim: int) -> Router:
@@ -58,6 +64,7 @@ def _build_stratified(options, embed_dim: int) -> Router:
 
 ROUTERS = {
     "linear": _build_linear,
+    "attentive": _build_attentive,
     "cosine": _build_cosine,
     "stratified": _build_stratified,
 }
@@ -67,4 +74,4 @@ def build_router(options, embed_dim: int) -> Router:
     return ROUTERS[options.router](options, embed_dim)
 
 
-__all__ = ["Router", "Routing", "TopKRouter", "CosineRouter", "StratifiedRouter", "ROUTERS", "build_router", "capacity_for"]
+__all__ = ["Router", "Routing", "TopKRouter", "AttentiveRouter", "CosineRouter", "StratifiedRouter", "ROUTERS", "build_router", "capacity_for"]
