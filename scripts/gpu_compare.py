@@ -36,9 +36,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_fairseq.bible import BibleDataError, run_as_command  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("dense", "moe", "smoe", "moec")
 DEFAULT_OUT = "runs/gpu_compare"
@@ -53,7 +50,7 @@ MAX_LEN_ARGS = "--max-len-a 2 --max-len-b 10"
 BEAM = 4
 
 
-class CompareError(BibleDataError):
+class CompareError(RuntimeError):
     """A problem the user can fix; printed as one line."""
 
 
@@ -580,7 +577,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_as_command(run, "gpu_compare.py", argv)
+    try:
+        run(argv)
+    except CompareError as exc:
+        print(f"gpu_compare.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
