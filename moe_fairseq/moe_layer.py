@@ -18,7 +18,7 @@ from .expert_bank import ExpertBank
 from .expert_parallel import expert_parallel_group, scale_expert_grads
 from .expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
 from .routers import Router, build_router
-from .routers.base import entropy_of
+from .routers.base import count_tokens, entropy_of
 
 
 @dataclass
@@ -57,7 +57,7 @@ class MoEStats:
 
     def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
         """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
-        n = routing.expert_index.size(0) if routing.token_mask is None else routing.token_mask.sum()
+        n = routing.token_count
         self.assignments += plan.requested.sum()
         self.dropped += plan.requested.sum() - plan.group_sizes.sum()
         self.expert_load += plan.requested
@@ -67,10 +67,8 @@ class MoEStats:
             self.token_passes = (self.token_passes + 1 if pos is None
                                  else self.token_passes.index_add(0, pos, torch.ones_like(pos)))
         if routing.probs is not None and routing.probs.size(0) > 0:
-            mask = routing.token_mask
-            count = routing.probs.size(0) if mask is None else mask.sum()
-            self.entropy_sum += entropy_of(routing.probs, mask) * count
-            self.entropy_count += count
+            self.entropy_sum += entropy_of(routing.probs, routing.token_mask) * n
+            self.entropy_count += n
 
     @property
     def starved_fraction(self) -> Tensor:
@@ -208,7 +206,7 @@ class MoELayer(nn.Module):
         device = tokens.device
         zero = torch.zeros((), dtype=torch.long, device=device)
         stats = MoEStats(
-            tokens=zero + (T if token_mask is None else token_mask.sum()),
+            tokens=zero + count_tokens(tokens, token_mask),
             assignments=zero.clone(),
             dropped=zero.clone(),
             expert_load=torch.zeros(E, dtype=torch.long, device=device),
@@ -243,8 +241,7 @@ class MoELayer(nn.Module):
                     continue
                 s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
                 h = self.router.pass_input(s, pass_index)
-            routing = (self.router(h, pass_index) if token_mask is None
-                       else self.router(h, pass_index, token_mask=token_mask))
+            routing = self.router(h, pass_index, token_mask=token_mask)
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)

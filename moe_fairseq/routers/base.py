@@ -28,6 +28,8 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .losses import masked_mean
+
 
 @dataclass
 class Routing:
@@ -59,6 +61,17 @@ class Routing:
     # False rows are padding, have expert_index -1 and are left out of losses and
     # statistics. None = every row is a token.
     token_mask: Optional[Tensor] = None
+
+    @property
+    def token_count(self) -> Union[int, Tensor]:
+        """Tokens routed in this pass (padding rows of a masked batch left out)."""
+        return count_tokens(self.expert_index, self.token_mask)
+
+
+def count_tokens(rows: Tensor, token_mask: Optional[Tensor]) -> Union[int, Tensor]:
+    """Tokens among the rows of ``rows [T, ...]``: an int, or a 0-dim tensor under a
+    ``token_mask`` (no host sync)."""
+    return rows.size(0) if token_mask is None else token_mask.sum()
 
 
 class Router(nn.Module):
@@ -182,7 +195,4 @@ def entropy_of(probs: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
     if probs.numel() == 0:
         return probs.new_zeros(())
     p = probs.float()
-    h = -(p * torch.log(p.clamp_min(1e-9))).sum(-1)
-    if token_mask is None:
-        return h.mean()
-    return torch.where(token_mask, h, torch.zeros_like(h)).sum() / token_mask.sum().clamp_min(1)
+    return masked_mean(-(p * torch.log(p.clamp_min(1e-9))).sum(-1), token_mask)

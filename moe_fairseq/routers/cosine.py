@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Routing
-from .losses import count_per_expert, masked_mean, router_z_loss
-from .top_k import TopKRouter, mask_padding, num_tokens
+from .base import Routing, count_tokens
+from .losses import first_choice_share, masked_mean, masked_sum, router_z_loss
+from .top_k import TopKRouter, mask_padding
 
 VAR_TYPES = ("cluster", "global", "gap")
 MIN_TAU = 1e-4
@@ -88,10 +88,10 @@ def moec_variance(probs: Tensor, clusters: int, var_type: str,
         return probs.sum() * 0.0
     E = probs.size(1)
     if token_mask is None:
-        me, T = probs.sum(dim=0), probs.size(0)
+        T = probs.size(0)
     else:
-        me = torch.where(token_mask.unsqueeze(1), probs, torch.zeros_like(probs)).sum(dim=0)
         T = token_mask.sum().to(probs.dtype).clamp_min(1.0)
+    me = masked_sum(probs, token_mask)
     if kept is None:
         kept = torch.ones(E, dtype=torch.bool, device=probs.device)
     if var_type == "global":
@@ -266,7 +266,7 @@ class CosineRouter(TopKRouter):
         losses = self.moec_losses(cos, first, kept, n, token_mask)
         losses["z"] = router_z_loss(scores, token_mask)
         return Routing(
-            expert_index, gate, self.capacity(num_tokens(x, token_mask), n), losses,
+            expert_index, gate, self.capacity(count_tokens(x, token_mask), n), losses,
             probs.detach(), normalize_after_drop=after_drop, mix_input=self.output_mixing,
             token_mask=token_mask,
         )
@@ -303,10 +303,7 @@ class CosineRouter(TopKRouter):
         if kept is not None:
             scores = scores.masked_fill(~kept, float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        weight = (torch.ones_like(p[:, 0]) if token_mask is None
-                  else token_mask.to(p.dtype))
-        T = weight.sum().clamp_min(1.0)
-        share = count_per_expert(first, self.num_experts, weight) / T
+        share, T = first_choice_share(first, self.num_experts, token_mask, p.dtype)
         # Dropped experts' terms are masked out (not indexed out: no host sync).
         terms = masked_mean(p, token_mask) * (share + 1e-6)
         if kept is not None:

@@ -14,23 +14,33 @@ import torch
 from torch import Tensor
 
 
-def count_per_expert(index: Tensor, num_experts: int, weight: Optional[Tensor] = None) -> Tensor:
-    """``[E]`` counts of ``index [T]`` (values in ``[0, E)``), each entry weighted by
-    ``weight [T]`` (default 1), in ``weight``'s dtype (int64 without weights)."""
-    if weight is None:
-        weight = torch.ones_like(index)
-    out = torch.zeros(num_experts, dtype=weight.dtype, device=index.device)
-    return out.scatter_add_(0, index, weight)
+def masked_sum(values: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    """Sum over the tokens (dim 0) of ``values [T, ...]``."""
+    if token_mask is None:
+        return values.sum(dim=0)
+    m = token_mask.view(-1, *([1] * (values.dim() - 1)))
+    # where, not a product: a non-finite padding row must not leak in.
+    return torch.where(m, values, torch.zeros_like(values)).sum(dim=0)
 
 
 def masked_mean(values: Tensor, token_mask: Optional[Tensor]) -> Tensor:
     """Mean over the tokens (dim 0) of ``values [T, ...]``; 0 for no tokens."""
     if token_mask is None:
         return values.mean(dim=0) if values.size(0) else values.sum(dim=0) * 0.0
-    m = token_mask.view(-1, *([1] * (values.dim() - 1)))
-    # where, not a product: a non-finite padding row must not leak in.
-    total = torch.where(m, values, torch.zeros_like(values)).sum(dim=0)
-    return total / token_mask.sum().to(values.dtype).clamp_min(1.0)
+    return masked_sum(values, token_mask) / token_mask.sum().to(values.dtype).clamp_min(1.0)
+
+
+def first_choice_share(first_choice: Tensor, num_experts: int, token_mask: Optional[Tensor],
+                       dtype: torch.dtype):
+    """(``f [E]``, ``T``): the share of tokens whose first choice is each expert, and
+    the token count it divides by (a 0-dim ``dtype`` tensor, at least 1).
+    first_choice ``[T]`` int64; padding rows (``token_mask`` False) are left out."""
+    weight = (torch.ones(first_choice.shape, dtype=dtype, device=first_choice.device)
+              if token_mask is None else token_mask.to(dtype))
+    count = weight.sum().clamp_min(1.0)
+    # scatter_add, not bincount (see the module docstring)
+    per_expert = torch.zeros(num_experts, dtype=dtype, device=first_choice.device)
+    return per_expert.scatter_add_(0, first_choice, weight) / count, count
 
 
 def load_balance_loss(probs: Tensor, first_choice: Tensor, num_experts: int,
@@ -44,10 +54,7 @@ def load_balance_loss(probs: Tensor, first_choice: Tensor, num_experts: int,
     """
     if probs.size(0) == 0:
         return probs.sum() * 0.0
-    weight = None if token_mask is None else token_mask.to(probs.dtype)
-    counts = count_per_expert(first_choice, num_experts,
-                              weight if weight is not None else torch.ones_like(probs[:, 0]))
-    frac = counts / (probs.size(0) if weight is None else weight.sum().clamp_min(1.0))
+    frac, _ = first_choice_share(first_choice, num_experts, token_mask, probs.dtype)
     return num_experts * torch.sum(frac * masked_mean(probs, token_mask))
 
 

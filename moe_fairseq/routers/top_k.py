@@ -6,18 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Router, Routing, capacity_for
+from .base import Router, Routing, capacity_for, count_tokens
 from .losses import load_balance_loss, router_z_loss
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 # At inference: the second-best expert (ours, deterministic) or a Gumbel-sampled
 # one (fairseq's top2gating and the SMoE authors' code sample at generation too).
 EVAL_SECOND_EXPERT_POLICIES = ("all", "sampling")
-
-
-def num_tokens(x: Tensor, token_mask: Optional[Tensor]):
-    """Tokens among the rows of ``x [T, d]``: an int, or a 0-dim tensor under a mask."""
-    return x.size(0) if token_mask is None else token_mask.sum()
 
 
 def mask_padding(expert_index: Tensor, gates: Tensor, token_mask: Optional[Tensor]):
@@ -120,7 +115,7 @@ class TopKRouter(Router):
             "balance": load_balance_loss(probs, first, self.num_experts, token_mask),
             "z": router_z_loss(logits, token_mask),
         }
-        capacity = self.capacity(num_tokens(x, token_mask), self.num_experts)
+        capacity = self.capacity(count_tokens(x, token_mask), self.num_experts)
         return Routing(expert_index, gate, capacity, losses, probs.detach(),
                        normalize_after_drop=after_drop, token_mask=token_mask)
 
