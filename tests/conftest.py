@@ -2,6 +2,7 @@
 binarized once per session with ``fairseq-preprocess``, and helpers that run the
 fairseq command-line tools as real subprocesses."""
 
+import argparse
 import json
 import os
 import random
@@ -156,6 +157,18 @@ def train_args(
         *([] if validate else ["--disable-validation"]),
         *extra,
     ]
+
+
+def moe_namespace(layers: int, router: str, **overrides):
+    """Parsed-args stand-in: ``layers`` encoder and decoder layers, ``--moe-router
+    router``, ``overrides`` set, then the MoE defaults (8 experts) fill the rest."""
+    from moe_fairseq.options import moe_defaults
+
+    args = argparse.Namespace(encoder_layers=layers, decoder_layers=layers, moe_router=router)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    moe_defaults(args, 8)
+    return args
 
 
 # --------------------------------------------------------------------- data

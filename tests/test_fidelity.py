@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import moe_namespace
 from moe_fairseq.dispatcher import SortDispatcher
 from moe_fairseq.expert_bank import ExpertBank
 from moe_fairseq.moe_layer import MoELayer
@@ -429,11 +430,7 @@ def test_linear_top2_normalises_by_default_and_top1_does_not():
 
 
 def _ns(**overrides):
-    args = argparse.Namespace(encoder_layers=6, decoder_layers=6, moe_router="linear")
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    moe_defaults(args, 8)
-    return args
+    return moe_namespace(6, "linear", **overrides)
 
 
 @pytest.mark.parametrize("overrides, flag", [

@@ -1,13 +1,12 @@
 """MoEC's cosine router (``moe_fairseq/routers/cosine.py``), its flags and presets."""
 
-import argparse
 import math
 
 import pytest
 import torch
 
-from conftest import USER_DIR, run_cli, train_args
-from moe_fairseq.options import MoEConfigError, moe_defaults, validate_moe_args
+from conftest import USER_DIR, moe_namespace, run_cli, train_args
+from moe_fairseq.options import MoEConfigError, validate_moe_args
 from moe_fairseq.routers import ROUTERS
 from moe_fairseq.routers.cosine import CosineRouter, kept_per_cluster, moec_variance
 
@@ -278,11 +277,7 @@ def test_too_few_experts_alive_for_top2_raises():
 
 
 def _args(**overrides):
-    args = argparse.Namespace(encoder_layers=2, decoder_layers=2, moe_router="cosine")
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    moe_defaults(args, 8)
-    return args
+    return moe_namespace(2, "cosine", **overrides)
 
 
 def test_default_flags_validate():
