@@ -19,6 +19,7 @@ from .expert_parallel import expert_parallel_group, scale_expert_grads
 from .expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
 from .routers import Router, build_router
 from .routers.base import count_tokens, entropy_of
+from .similarity_loss import SimilarityLoss
 
 
 @dataclass
@@ -39,7 +40,10 @@ class MoEStats:
       input, shaped like the input without its last dim (0 for padding);
     - ``sentence_passes`` / ``sentence_tokens``: ``[batch]`` sums of
       ``token_passes`` and of routed tokens per sentence, filled in by the
-      transformer layer (it knows which dim is the batch).
+      transformer layer (it knows which dim is the batch);
+    - ``first_expert``: only when the layer's ``record_first_expert`` is set
+      (analysis tools): each position's first-choice expert at the first pass,
+      shaped like the input without its last dim, -1 for padding.
     """
 
     losses: Dict[str, Tensor] = field(default_factory=dict)
@@ -54,6 +58,7 @@ class MoEStats:
     token_passes: Optional[Tensor] = None
     sentence_passes: Optional[Tensor] = None
     sentence_tokens: Optional[Tensor] = None
+    first_expert: Optional[Tensor] = None
 
     def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
         """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
@@ -67,7 +72,7 @@ class MoEStats:
             self.token_passes = (self.token_passes + 1 if pos is None
                                  else self.token_passes.index_add(0, pos, torch.ones_like(pos)))
         if routing.probs is not None and routing.probs.size(0) > 0:
-            self.entropy_sum += entropy_of(routing.probs, routing.token_mask) * n
+            self.entropy_sum += entropy_of(routing.probs.detach(), routing.token_mask) * n
             self.entropy_count += n
 
     @property
@@ -112,6 +117,11 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
         self.stats: Optional[MoEStats] = None
         self.padding = "auto"  # see routes_padded_batch
+        # Set by the criterion when --moe-similarity-loss-wt > 0: the layer then adds
+        # losses["similarity"] (first pass, a bounded token sample; see similarity_loss.py).
+        self.similarity: Optional[SimilarityLoss] = None
+        # Analysis tools set this to get MoEStats.first_expert (a [tokens] tensor).
+        self.record_first_expert = False
         # Running count of assignments per expert, for analysis tools
         # (reset with reset_expert_load); not saved in checkpoints.
         self.register_buffer(
@@ -171,10 +181,15 @@ class MoELayer(nn.Module):
             if self.stats.token_passes is not None:
                 passes = self.stats.token_passes.new_zeros(flat.size(0))
                 self.stats.token_passes = passes.index_copy(0, token_pos, self.stats.token_passes)
+            if self.stats.first_expert is not None:
+                first = self.stats.first_expert.new_full((flat.size(0),), -1)
+                self.stats.first_expert = first.index_copy(0, token_pos, self.stats.first_expert)
         else:
             out = self._route_and_compute(flat, stream, dropout)
         if self.stats.token_passes is not None:
             self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
+        if self.stats.first_expert is not None:
+            self.stats.first_expert = self.stats.first_expert.view(shape[:-1])
         return out.reshape(shape)
 
     def routes_padded_batch(self, x: Tensor) -> bool:
@@ -229,6 +244,7 @@ class MoELayer(nn.Module):
         # multi-pass router's first pass says where its tokens go.
         due: Optional[Tensor] = None
         losses: Dict[str, list] = {}
+        similarity: Optional[Tensor] = None
         routed_passes = 0  # passes with at least one token: the losses' denominator
         for pass_index in range(P):
             if pass_index == 0:
@@ -257,6 +273,10 @@ class MoELayer(nn.Module):
             routed_passes += int(h.size(0) > 0)  # sizes are host ints: no sync
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
+            if pass_index == 0 and self.similarity is not None and routing.probs is not None:
+                similarity = self.similarity(routing.probs, h, token_mask)
+            if pass_index == 0 and self.record_first_expert:
+                stats.first_expert = routing.expert_index[:, 0].detach().clone()
             stats.record_pass(pass_index, routing, plan, pos)
 
             if not stream_output:
@@ -277,6 +297,8 @@ class MoELayer(nn.Module):
         stats.losses = {
             name: torch.stack(v).sum() / max(routed_passes, 1) for name, v in losses.items()
         }
+        if similarity is not None:  # one value per layer, from the first pass
+            stats.losses["similarity"] = similarity
         self.expert_load_total += stats.expert_load.detach()
         self.stats = stats
         return self.router.finish_stream(stream) if stream_output else total

@@ -215,3 +215,19 @@ def test_smoe_two_ranks_equal_one_rank(data_bin, tmp_path, ddp):
     model, _ = params(two / "checkpoint_last.pt")
     norms = [k for k in model if re.search(r"moe\.router\.norms\.\d\.weight$", k)]
     assert len(norms) == 4  # post-LN strata: two LayerNorms in each of the two MoE layers
+
+
+def test_similarity_loss_two_ranks_equal_one_rank(data_bin, tmp_path):
+    """--moe-similarity-loss-wt under expert parallelism: each rank computes L_s on
+    its own tokens before the all-to-all, as the single process does per
+    micro-batch, so the parameters match; and the loss does move them."""
+    sim = ["--moe-similarity-loss-wt", "10", "--moe-similarity-beta-s", "1e-3",
+           "--moe-similarity-beta-d", "1", "--moe-similarity-sample-tokens", "16"]
+    one, two, plain = tmp_path / "one", tmp_path / "two", tmp_path / "plain"
+    train(data_bin, one, 1, tmp_path, "--max-epoch", "1", "--update-freq", "2", *sim, tag="l1")
+    log = train(data_bin, two, 2, tmp_path, "--max-epoch", "1", *sim, tag="l2")
+    assert "experts sharded over 2 ranks" in log and "moe_similarity_loss" in log
+    assert_same_params(one / "checkpoint_last.pt", two / "checkpoint_last.pt")
+    train(data_bin, plain, 1, tmp_path, "--max-epoch", "1", "--update-freq", "2", tag="l0")
+    with pytest.raises(AssertionError):
+        assert_same_params(one / "checkpoint_last.pt", plain / "checkpoint_last.pt")

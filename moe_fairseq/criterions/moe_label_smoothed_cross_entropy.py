@@ -1,13 +1,18 @@
 """``moe_label_smoothed_cross_entropy``: label-smoothed CE plus the MoE routing losses.
 
-loss = CE_ls + sample_size * (gate_wt * combine_layers gate_loss + z_wt * combine_layers z_loss)
+loss = CE_ls + sample_size * (gate_wt * combine_layers gate_loss + z_wt * combine_layers z_loss
+                             + similarity_wt * combine_layers similarity_loss)
 
 A layer's gate loss is the sum of its router's losses other than ``z`` (the
 balance loss for the linear router; methods such as MoEC add terms of their own,
-e.g. ``moec_var``). ``--moe-gate-loss-combine-method`` (fairseq MoE branch
-spelling) combines the layers' gate losses, and likewise their z-losses:
-``average`` (the default, as fairseq's MoE criterion: the mean over the MoE
-layers that ran in this forward) or ``sum``. The default is ``None`` on the
+e.g. ``moec_var``). The sample-similarity loss of Krishnamurthy et al. is asked of
+every MoE layer only when ``--moe-similarity-loss-wt`` > 0 (it costs an ``[S, S]``
+pair matrix per layer, S = ``--moe-similarity-sample-tokens``; see
+``similarity_loss.py``) and works with any router.
+``--moe-gate-loss-combine-method`` (fairseq MoE branch spelling) combines the
+layers' gate losses, and likewise their z- and similarity losses: ``average``
+(the default, as fairseq's MoE criterion: the mean over the MoE layers that ran
+in this forward) or ``sum``. The default is ``None`` on the
 command line, meaning ``average``, so that an architecture preset can choose
 (the MoEC presets use ``sum``, the MoEC authors' recipe). The routing losses are
 batch means, so they are scaled by ``sample_size`` to keep their weight
@@ -16,6 +21,7 @@ independent of how fairseq normalizes the summed CE.
 Logged (all logging outputs can be summed; losses are per-batch values, shown
 as their mean over batches):
 ``moe_gate_loss`` (exactly what ``--moe-gate-loss-wt`` multiplies),
+``moe_similarity_loss`` (exactly what ``--moe-similarity-loss-wt`` multiplies),
 ``moe_z_loss`` (exactly what ``--moe-router-z-loss-wt`` multiplies), one key per
 method-specific routing loss (``moec_var`` -> ``moec_var_loss``; any loss named
 ``moec_*``/``smoe_*`` -> ``<name>_loss``), combined over layers the same way and
@@ -35,6 +41,7 @@ to the requested capacity) and, when the batch carries target-language tokens
 sentences translated into ``<lang>`` (encoder and decoder tokens together).
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -49,6 +56,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 
 from ..moe_layer import MoELayer, MoEStats
 from ..options import MoEConfigError
+from ..similarity_loss import SimilarityLoss
 from ..requested_capacity import capacity_counts, capacity_summary, is_count_key
 
 
@@ -71,6 +79,27 @@ class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfi
         metadata={"help": "weight of the router z-loss (ST-MoE), combined over MoE layers "
                           "by --moe-gate-loss-combine-method"},
     )
+    moe_similarity_loss_wt: float = field(
+        default=0.0,
+        metadata={"help": "weight of the sample-similarity loss L_s (Krishnamurthy et al. "
+                          "2023), computed in every MoE layer on a bounded token sample; "
+                          "0 = off (not computed)"},
+    )
+    moe_similarity_beta_s: float = field(
+        default=1e-7,
+        metadata={"help": "L_s weight of the same-expert term (default 1e-7, the authors' "
+                          "choice for the softmax gate)"},
+    )
+    moe_similarity_beta_d: float = field(
+        default=1e-2,
+        metadata={"help": "L_s weight of the different-expert term (default 1e-2, the "
+                          "authors' choice for the softmax gate)"},
+    )
+    moe_similarity_sample_tokens: int = field(
+        default=256,
+        metadata={"help": "tokens per MoE layer and batch that L_s is computed on (an even "
+                          "stride over the batch); its cost grows with the square of this"},
+    )
     moe_log_per_layer: bool = field(
         default=False,
         metadata={"help": "also log each MoE layer's load CV and starved-expert share "
@@ -87,6 +116,12 @@ DEFAULT_COMBINE_METHOD = "average"  # fairseq's MoE criterion
 # moe_gate_loss (balance) or as moe_z_loss (z).
 METHOD_PREFIXES = ("moec_", "smoe_")
 LOSS_LOG_PREFIXES = ("moe_",) + METHOD_PREFIXES
+# Losses weighed by flags of their own, not by --moe-gate-loss-wt.
+SEPARATE_LOSSES = ("z", "similarity")
+
+
+def is_gate_loss(name: str) -> bool:
+    return name not in SEPARATE_LOSSES
 
 
 def loss_log_key(name: str) -> Optional[str]:
@@ -120,6 +155,21 @@ def combine_layer_losses(stats: List[MoEStats], names, method: str):
     return total
 
 
+def similarity_loss_from_flags(wt, beta_s, beta_d, sample_tokens):
+    """(weight, :class:`SimilarityLoss` or None when the weight is 0); bad values
+    are refused with the flag's name."""
+    for flag, value in (("--moe-similarity-loss-wt", wt), ("--moe-similarity-beta-s", beta_s),
+                        ("--moe-similarity-beta-d", beta_d)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise MoEConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 2:
+        raise MoEConfigError(
+            f"--moe-similarity-sample-tokens must be an integer >= 2, got {sample_tokens}")
+    if wt == 0:
+        return 0.0, None
+    return wt, SimilarityLoss(beta_s, beta_d, sample_tokens)
+
+
 def moe_layer_stats(model) -> List[MoEStats]:
     """Stats of every MoE layer's last forward, in module order."""
     return [m.stats for m in model.modules() if isinstance(m, MoELayer) and m.stats is not None]
@@ -129,7 +179,9 @@ def moe_layer_stats(model) -> List[MoEStats]:
 class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
                  report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0,
-                 moe_log_per_layer=False, moe_gate_loss_combine_method=None):
+                 moe_log_per_layer=False, moe_gate_loss_combine_method=None,
+                 moe_similarity_loss_wt=0.0, moe_similarity_beta_s=1e-7,
+                 moe_similarity_beta_d=1e-2, moe_similarity_sample_tokens=256):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.combine_method = resolve_combine_method(moe_gate_loss_combine_method)
         if moe_gate_loss_wt < 0:
@@ -138,12 +190,16 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             raise MoEConfigError(f"--moe-router-z-loss-wt must be >= 0, got {moe_router_z_loss_wt}")
         self.gate_loss_wt = moe_gate_loss_wt
         self.z_loss_wt = moe_router_z_loss_wt
+        self.similarity_wt, self.similarity = similarity_loss_from_flags(
+            moe_similarity_loss_wt, moe_similarity_beta_s, moe_similarity_beta_d,
+            moe_similarity_sample_tokens)
         self.log_per_layer = moe_log_per_layer
 
     def forward(self, model, sample, reduce=True):
         for m in model.modules():
             if isinstance(m, MoELayer):
                 m.stats = None  # only this forward's layers count
+                m.similarity = self.similarity
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -156,9 +212,12 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 moe_logs[f"moe_l{i}_load_cv"] = float(s.load_cv)
                 moe_logs[f"moe_l{i}_starved"] = float(s.starved_fraction)
         if stats:
-            gate = combine_layer_losses(stats, lambda k: k != "z", self.combine_method)
+            gate = combine_layer_losses(stats, is_gate_loss, self.combine_method)
             z = combine_layer_losses(stats, lambda k: k == "z", self.combine_method)
             loss = loss + sample_size * (self.gate_loss_wt * gate + self.z_loss_wt * z)
+            if self.similarity is not None:
+                sim = combine_layer_losses(stats, lambda k: k == "similarity", self.combine_method)
+                loss = loss + sample_size * self.similarity_wt * sim
 
         logging_output = {
             "loss": loss.data,
@@ -189,9 +248,11 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
         out: Dict[str, float] = {"moe_batches": 1, "moe_layers": len(stats)}
         names = sorted({k for s in stats for k in s.losses})
-        out["moe_gate_loss"] = combined(lambda k: k != "z")
+        out["moe_gate_loss"] = combined(is_gate_loss)
         if "z" in names:
             out["moe_z_loss"] = combined(lambda k: k == "z")
+        if "similarity" in names:
+            out["moe_similarity_loss"] = combined(lambda k: k == "similarity")
         for name in names:
             key = loss_log_key(name)
             if key is not None:

@@ -40,10 +40,12 @@ class Routing:
     # None = no limit; a 0-dim int64 tensor when computed from a masked batch.
     capacity: Union[None, int, Tensor]
     # Differentiable losses this pass adds (name -> scalar tensor). The criterion
-    # weighs them: "balance" by --moe-gate-loss-wt, "z" by --moe-router-z-loss-wt;
+    # weighs them: "balance" by --moe-gate-loss-wt, "z" by --moe-router-z-loss-wt
+    # ("similarity", added by the layer, by --moe-similarity-loss-wt);
     # other names are weighed by the router's own flags and reported as they are.
     losses: Dict[str, Tensor] = field(default_factory=dict)
-    # Router probabilities [T, E] in fp32, kept for statistics (entropy).
+    # Router probabilities [T, E] in fp32, differentiable: the layer detaches them for
+    # statistics (entropy) and back-propagates the sample-similarity loss through them.
     probs: Optional[Tensor] = None
     # For multi-pass routers: [T] int64, the pass at which each token is routed
     # next (> the current pass; >= num_passes means the token is done). Tokens may

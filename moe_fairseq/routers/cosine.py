@@ -267,7 +267,7 @@ class CosineRouter(TopKRouter):
         losses["z"] = router_z_loss(scores, token_mask)
         return Routing(
             expert_index, gate, self.capacity(count_tokens(x, token_mask), n), losses,
-            probs.detach(), normalize_after_drop=after_drop, mix_input=self.output_mixing,
+            probs, normalize_after_drop=after_drop, mix_input=self.output_mixing,
             token_mask=token_mask,
         )
 

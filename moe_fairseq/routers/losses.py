@@ -78,12 +78,14 @@ def importance_loss(probs: Tensor, weight: float = 1.0) -> Tensor:
     return weight * (importance.std() / importance.mean()).pow(2)
 
 
-def sample_similarity_loss(probs: Tensor, x: Tensor, beta_s: float, beta_d: float) -> Tensor:
+def sample_similarity_loss(probs: Tensor, x: Tensor, beta_s: float, beta_d: float,
+                           mask: Optional[Tensor] = None) -> Tensor:
     """Sample-similarity loss L_s of Krishnamurthy et al. (arXiv 2302.14703).
 
     probs: ``[N, E]`` gate probabilities (differentiable); x: ``[N, ...]`` the samples
-    (flattened; not differentiated). With ``D_ij = |x_i - x_j| / max D`` (Euclidean,
-    within the batch)::
+    (flattened; not differentiated); mask: ``[N]`` bool, False rows left out (padding
+    of a masked batch; N then counts the True rows). With ``D_ij = |x_i - x_j| / max D``
+    (Euclidean, within the batch)::
 
         same = sum_ij (1/E) sum_e p(e|x_i) p(e|x_j) D_ij
         diff = sum_ij 1/(E^2 - E) sum_{e != e'} p(e|x_i) p(e'|x_j) D_ij
@@ -98,10 +100,16 @@ def sample_similarity_loss(probs: Tensor, x: Tensor, beta_s: float, beta_d: floa
         return probs.sum() * 0.0
     flat = x.detach().reshape(N, -1).to(probs.dtype)
     dist = torch.cdist(flat, flat)
+    n = N
+    if mask is not None:
+        keep = mask.to(probs.dtype)
+        dist = dist * (keep[:, None] * keep[None, :])
+        probs = probs * keep[:, None]  # a left-out row has no mass: no pair term
+        n = keep.sum()
     dist = dist / dist.max().clamp_min(torch.finfo(dist.dtype).tiny)
     pair_same = probs @ probs.t()  # [N, N]: sum_e p(e|x_i) p(e|x_j)
     mass = probs.sum(dim=1)
     pair_diff = mass[:, None] * mass[None, :] - pair_same  # sum over e != e'
     same = (pair_same * dist).sum() / E
     diff = (pair_diff * dist).sum() / (E * E - E)
-    return beta_s * same - beta_d * diff / (N * N)
+    return beta_s * same - beta_d * diff / (n * n)

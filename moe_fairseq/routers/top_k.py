@@ -116,7 +116,7 @@ class TopKRouter(Router):
             "z": router_z_loss(logits, token_mask),
         }
         capacity = self.capacity(count_tokens(x, token_mask), self.num_experts)
-        return Routing(expert_index, gate, capacity, losses, probs.detach(),
+        return Routing(expert_index, gate, capacity, losses, probs,
                        normalize_after_drop=after_drop, token_mask=token_mask)
 
     def normalized_gates(self, gate: Tensor):
