@@ -7,7 +7,13 @@ each expert received, its coefficient of variation and how many experts get less
 than 10% of their fair share. For SMoE models (multi-pass routers) it also prints
 the requested capacity (mean expert passes per token), the share of tokens
 reaching each stratum and, for multilingual data with target-language tokens, the
-requested capacity per target language. ``--json`` also writes the counts.
+requested capacity per target language. For multilingual data with target-language
+tokens (``translation_multi_simple_epoch`` with ``--decoder-langtok`` or
+``--encoder-langtok tgt``) it also prints, per MoE layer, the mutual information
+I(expert; target language) in bits between a token's first-choice expert and the
+language its sentence is translated into (Krishnamurthy et al.'s I(E;Y) with Y the
+target language; 0 = routing ignores the language, H(language) = the expert
+determines it). ``--json`` also writes the counts.
 
     python scripts/expert_load.py --path checkpoints/moe/checkpoint_best.pt \
         --data data-bin/corpus --split valid [--json load.json]
@@ -36,13 +42,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def collect_expert_load(models, task, split, max_tokens, max_batches, device):
+def collect_expert_load(models, task, split, max_tokens, max_batches, device, by_language=None):
     """Returns (``[(layer name, counts [E] list)]`` summed over the split, SMoE
-    requested-capacity summary or None)."""
+    requested-capacity summary or None). ``by_language``: a dict to fill with
+    ``layer name -> [E, L]`` joint counts of (first-choice expert, target language)
+    and ``"languages" -> names``, when the batches carry target-language tokens."""
     from fairseq import utils
 
+    from moe_fairseq.analysis.specialization import joint_counts
     from moe_fairseq.moe_layer import MoELayer
     from moe_fairseq.requested_capacity import capacity_counts, capacity_summary
+    from moe_fairseq.target_language import target_language_index
 
     model = models[0]
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -50,6 +60,7 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device):
         raise SystemExit(f"error: --path {model.__class__.__name__} has no MoE layer")
     for _, m in layers:
         m.reset_expert_load()
+        m.record_first_expert = by_language is not None
     task.load_dataset(split)
     itr = task.get_batch_iterator(
         dataset=task.dataset(split),
@@ -65,6 +76,20 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device):
             sample = utils.move_to_cuda(sample) if device == "cuda" else sample
             model(**sample["net_input"])
             counts.update(capacity_counts([m.stats for _, m in layers], task, sample))
+            found = target_language_index(task, sample) if by_language is not None else None
+            if found is None:
+                continue
+            index, names = found
+            by_language["languages"] = names
+            for name, m in layers:
+                first = m.stats.first_expert
+                # fairseq's transformer layers see [T, B, C]: dim 1 is the sentence
+                if first is None or first.dim() != 2 or first.size(1) != index.numel():
+                    continue
+                lang = index.to(first.device)[None, :].expand_as(first)
+                keep = (first >= 0) & (lang >= 0)
+                c = joint_counts(first[keep], lang[keep], m.num_experts, len(names)).cpu()
+                by_language[name] = by_language[name] + c if name in by_language else c
     return [(name, m.expert_load_total.tolist()) for name, m in layers], capacity_summary(counts)
 
 
@@ -76,6 +101,23 @@ def describe(counts):
     cv = (t.std(unbiased=False) / mean).item() if mean > 0 else 0.0
     starved = int((t < 0.1 * mean).sum().item()) if mean > 0 else len(counts)
     return share, cv, starved
+
+
+def describe_language_mi(by_language):
+    """``layer -> {mi_bits, h_language_bits, mi_share, h_expert_bits, counts}`` from
+    the joint counts of :func:`collect_expert_load`; empty without languages."""
+    from moe_fairseq.analysis.specialization import marginal_entropies_bits, mutual_information_bits
+
+    out = {}
+    for name, counts in by_language.items():
+        if name == "languages" or int(counts.sum()) == 0:
+            continue
+        mi = mutual_information_bits(counts)
+        h_expert, h_lang = marginal_entropies_bits(counts)
+        out[name] = dict(mi_bits=mi, h_language_bits=h_lang,
+                         mi_share=mi / h_lang if h_lang > 0 else 0.0,
+                         h_expert_bits=h_expert, counts=counts.tolist())
+    return out
 
 
 def main(argv=None):
@@ -95,8 +137,9 @@ def main(argv=None):
         m.eval()
         if device == "cuda":
             m.cuda()
+    by_language = {}
     result, capacity = collect_expert_load(models, task, args.split, args.max_tokens,
-                                           args.max_batches, device)
+                                           args.max_batches, device, by_language)
     print(f"expert load on '{args.split}' ({args.path})")
     print(f"{'layer':<28} {'CV':>6} {'<10% fair':>9}  share of assignments per expert (%)")
     for name, counts in result:
@@ -111,10 +154,21 @@ def main(argv=None):
         if capacity["by_target_language"]:
             print("requested capacity per target language: " + ", ".join(
                 f"{lang} {rc:.3f}" for lang, rc in capacity["by_target_language"].items()))
+    language_mi = describe_language_mi(by_language)
+    if language_mi:
+        names = by_language["languages"]
+        print(f"\nI(expert; target language), first-choice expert, {len(names)} target languages "
+              f"({', '.join(names)}):")
+        print(f"{'layer':<28} {'I bits':>7} {'H(lang)':>8} {'I/H(lang)':>9} {'H(expert)':>9}")
+        for name, d in language_mi.items():
+            print(f"{name.replace('.moe', ''):<28} {d['mi_bits']:7.3f} {d['h_language_bits']:8.3f} "
+                  f"{d['mi_share']:9.3f} {d['h_expert_bits']:9.3f}")
     if args.json:
         out = {name: counts for name, counts in result}
         if capacity is not None:
             out["smoe_requested_capacity"] = capacity
+        if language_mi:
+            out["target_language_mi"] = language_mi
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0

@@ -78,3 +78,24 @@ def test_gate_and_usage_entropies():
     all_to_one = torch.zeros(10, E)
     all_to_one[:, 2] = 1
     assert usage_entropy_bits(all_to_one) == 0.0
+
+
+def test_marginal_entropies_and_the_language_report():
+    import sys
+
+    from conftest import REPO_ROOT
+    from moe_fairseq.analysis.specialization import marginal_entropies_bits
+
+    # Experts 0, 1 serve language 0 only, expert 2 language 1 only: I = H(lang) = 1 bit.
+    counts = torch.tensor([[30, 0], [30, 0], [0, 60]])
+    h_e, h_y = marginal_entropies_bits(counts)
+    assert abs(h_e - 1.5) < 1e-12 and abs(h_y - 1.0) < 1e-12
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from expert_load import describe_language_mi
+    finally:
+        sys.path.pop(0)
+    report = describe_language_mi({"languages": ["x", "y"], "enc.moe": counts,
+                                   "dec.moe": torch.tensor([[10, 10], [20, 20]])})
+    assert abs(report["enc.moe"]["mi_bits"] - 1.0) < 1e-12 and report["enc.moe"]["mi_share"] == 1.0
+    assert report["dec.moe"]["mi_bits"] < 1e-12  # routing independent of the language

@@ -40,6 +40,15 @@ def mutual_information_bits(counts: Tensor) -> float:
     return max(0.0, float(h_e + h_y - h_joint))
 
 
+def marginal_entropies_bits(counts: Tensor):
+    """``(H(E), H(Y))`` in bits from ``[E, Y]`` joint counts (0, 0 for no counts)."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    joint = counts.double() / total
+    return float(_entropy_bits(joint.sum(1))), float(_entropy_bits(joint.sum(0)))
+
+
 def sample_entropy_bits(probs: Tensor) -> float:
     """``H_s``: mean over samples of the entropy of ``probs [N, E]`` (bits)."""
     if probs.size(0) == 0:
