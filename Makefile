@@ -7,6 +7,8 @@
 #   make gpu-check  on a CUDA machine: gpu tests, fp16/bf16 training, H100 benchmarks (~3 min)
 #   make gpu-compare  dense vs MoE vs SMoE vs MoEC, same training time each, Bible m4, BLEU/chrF
 #                   (base models on CUDA, tiny on CPU; GPU_COMPARE_ARGS="--data DIR ..." passes flags)
+#   make specialization  the FashionMNIST expert-specialization study (arXiv 2302.14703), 3 seeds,
+#                   ~35 min on 2 cores (SPEC_ARGS="--seeds 5 --dataset mnist ..." passes flags)
 #   make clean      remove build artefacts (keeps .venv)
 #   make distclean  clean + remove .venv
 
@@ -16,12 +18,13 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.install-stamp
 PYTEST_ARGS ?=
 GPU_COMPARE_ARGS ?=
+SPEC_ARGS   ?= --dataset fmnist --seeds 3 --jobs 2
 
 TORCH_REQ   := torch==2.13.0
 FAIRSEQ_REQ := ve-fairseq==0.12.3
 
 .DEFAULT_GOAL := venv
-.PHONY: venv test demo bench gpu-check gpu-compare clean distclean
+.PHONY: venv test demo bench gpu-check gpu-compare specialization clean distclean
 
 venv: $(STAMP)
 
@@ -49,6 +52,10 @@ demo: venv
 bench: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) scripts/bench_moe_layer.py --device cpu --dtype float32 \
 		--tokens 4096 --embed-dim 256 --ffn-dim 1024 --experts 8 --top-k 2
+
+# FashionMNIST: apt-get install dataset-fashion-mnist; MNIST: see README.
+specialization: venv
+	$(PY) scripts/specialization_study.py $(SPEC_ARGS)
 
 # The lent GPU machine has no .venv (its python3 holds torch; fairseq comes as
 # carried wheels on PYTHONPATH): use the venv only where it exists.

