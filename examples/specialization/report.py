@@ -55,9 +55,14 @@ def group(runs: List[dict]) -> Dict[str, List[dict]]:
     return out
 
 
-def checks(dataset: str, runs: List[dict]) -> List[str]:
-    """The issue's acceptance checks, each a line starting PASS / FAIL / n/a."""
+def _ordered(by: Dict[str, List[dict]], order: List[str] = ()) -> List[str]:
+    return [n for n in order if n in by] + [n for n in by if n not in order]
+
+
+def checks(dataset: str, runs: List[dict], order: List[str] = ()) -> List[str]:
+    """The issue's acceptance checks, each a line starting PASS or FAIL."""
     by = group(runs)
+    by = {name: by[name] for name in _ordered(by, order)}
     lines = []
     paper = PAPER.get(dataset, {})
     for name, rs in by.items():
@@ -87,7 +92,7 @@ def markdown(dataset: str, runs: List[dict], order: List[str], header: str = "",
     something for the full protocol (20 epochs, all images)."""
     by = group(runs)
     paper = PAPER.get(dataset, {})
-    names = [n for n in order if n in by] + [n for n in by if n not in order]
+    names = _ordered(by, order)
     out = [header] if header else []
     out += ["| configuration | seeds | test error | authors' 10-run mean | authors' best-of-10 "
             "| train error | I(E;Y_hat) bits | I(E;Y) bits | H_s bits | H_u bits "
@@ -116,7 +121,7 @@ def markdown(dataset: str, runs: List[dict], order: List[str], header: str = "",
                 best = min(rs, key=lambda r: r["train_error"])
                 out.append(f"| {name} | {len(rs)} | {best['test_error']:.3f} (seed {best['seed']}) | "
                            f"{_paper(paper.get(name, {}), 'best')} |")
-    lines = checks(dataset, runs) if with_checks else []
+    lines = checks(dataset, runs, order) if with_checks else []
     if not with_checks:
         out += ["", "(No acceptance checks: they apply to the full protocol only.)"]
     if lines:
@@ -139,9 +144,10 @@ def expert_by_class_png(path: str, runs: List[dict], class_names: List[str], tit
             if rs[0].get("expert_by_class")]
     if not best:
         raise ValueError("no MoE run with expert-by-class counts")
-    cols = min(len(best), 3)
+    cols = 2 if len(best) == 4 else min(len(best), 3)
     rows = math.ceil(len(best) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols + 1.0, 3.6 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(best):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, best):
@@ -149,12 +155,12 @@ def expert_by_class_png(path: str, runs: List[dict], class_names: List[str], tit
         totals = [sum(c[j] for c in counts) or 1 for j in range(len(counts[0]))]
         share = [[c[j] / totals[j] for j in range(len(c))] for c in counts]
         im = ax.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(f"{r['config']} (seed {r['seed']}, I={r['mi_label']:.2f} bits)", fontsize=9)
+        ax.set_title(f"{r['config']} (seed {r['seed']}, I(E;Y) = {r['mi_label']:.2f} bits)", fontsize=9)
         ax.set_xticks(range(len(class_names)))
         ax.set_xticklabels(class_names, rotation=60, fontsize=7)
         ax.set_yticks(range(len(counts)))
         ax.set_ylabel("expert (argmax gate)", fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of the class")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of the class")
     fig.suptitle(title, fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
