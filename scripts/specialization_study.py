@@ -171,7 +171,11 @@ def main(argv=None):
               f"gate BatchNorm at test: {'running statistics' if args.bn_eval else 'batch statistics (as the authors)'}; "
               f"test error mean ± std over seeds\n")
     full = args.epochs == 20 and not args.train_subset and not args.test_subset
-    table = markdown(args.dataset, runs, args.configs, header, with_checks=full)
+    why_not = ("they apply to the full protocol only" if not full else
+               "they are defined for FashionMNIST (the authors' MNIST runs used another "
+               "single model)")
+    table = markdown(args.dataset, runs, args.configs, header,
+                     with_checks=full and args.dataset == "fmnist", no_checks=why_not)
     tmp = os.path.join(args.out, "table.md.tmp")
     with open(tmp, "w") as f:
         f.write(table)
