@@ -150,7 +150,11 @@ class MoELayer(nn.Module):
         residual: Optional[Tensor] = None,
         dropout: Optional[nn.Module] = None,
     ) -> Tensor:
-        """x ``[..., d]``, padding_mask ``[...]`` (True = padding) -> ``[..., d]``.
+        """x ``[..., d]``, padding_mask ``[...]`` (True = padding) -> ``[..., d_out]``.
+
+        ``d_out`` is the experts' output width: ``d`` for FFN experts; an expert bank
+        may map to another width (the cluster study's classifiers: 2), in which case
+        multi-pass and stream-output routers and output mixing do not apply.
 
         Padding positions are not routed: they use no capacity, do not enter the
         routing losses and get a zero output. ``residual`` ``[..., d]`` is what the
@@ -190,7 +194,7 @@ class MoELayer(nn.Module):
             self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
         if self.stats.first_expert is not None:
             self.stats.first_expert = self.stats.first_expert.view(shape[:-1])
-        return out.reshape(shape)
+        return out.reshape(*shape[:-1], out.size(-1))
 
     def routes_padded_batch(self, x: Tensor) -> bool:
         """Whether padding is masked inside the router rather than removed before it.
