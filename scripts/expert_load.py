@@ -104,19 +104,33 @@ def describe(counts):
 
 
 def describe_language_mi(by_language):
-    """``layer -> {mi_bits, h_language_bits, mi_share, h_expert_bits, counts}`` from
-    the joint counts of :func:`collect_expert_load`; empty without languages."""
-    from moe_fairseq.analysis.specialization import marginal_entropies_bits, mutual_information_bits
+    """``layer -> {mi_bits, h_language_bits, mi_share, h_expert_bits,
+    dispatch_entropy_nats, expert_entropy_bits_by_language, counts}`` from the joint
+    counts of :func:`collect_expert_load`; empty without languages. The dispatch
+    entropy is the cluster study's (Chen et al.) with languages as the clusters."""
+    from moe_fairseq.analysis.specialization import (
+        conditional_entropies_bits,
+        dispatch_entropy_nats,
+        marginal_entropies_bits,
+        mutual_information_bits,
+    )
 
+    names = by_language.get("languages", [])
     out = {}
     for name, counts in by_language.items():
         if name == "languages" or int(counts.sum()) == 0:
             continue
         mi = mutual_information_bits(counts)
         h_expert, h_lang = marginal_entropies_bits(counts)
+        present = counts.sum(0) > 0
+        per_lang = conditional_entropies_bits(counts)
         out[name] = dict(mi_bits=mi, h_language_bits=h_lang,
                          mi_share=mi / h_lang if h_lang > 0 else 0.0,
-                         h_expert_bits=h_expert, counts=counts.tolist())
+                         h_expert_bits=h_expert, dispatch_entropy_nats=dispatch_entropy_nats(counts),
+                         expert_entropy_bits_by_language={
+                             (names[i] if i < len(names) else str(i)): float(per_lang[i])
+                             for i in range(counts.size(1)) if present[i]},
+                         counts=counts.tolist())
     return out
 
 
@@ -159,10 +173,14 @@ def main(argv=None):
         names = by_language["languages"]
         print(f"\nI(expert; target language), first-choice expert, {len(names)} target languages "
               f"({', '.join(names)}):")
-        print(f"{'layer':<28} {'I bits':>7} {'H(lang)':>8} {'I/H(lang)':>9} {'H(expert)':>9}")
+        print(f"{'layer':<28} {'I bits':>7} {'H(lang)':>8} {'I/H(lang)':>9} {'H(expert)':>9} "
+              f"{'dispatch H':>10}  H(expert | language) bits")
         for name, d in language_mi.items():
+            per_lang = " ".join(f"{l} {v:.2f}" for l, v in d["expert_entropy_bits_by_language"].items())
             print(f"{name.replace('.moe', ''):<28} {d['mi_bits']:7.3f} {d['h_language_bits']:8.3f} "
-                  f"{d['mi_share']:9.3f} {d['h_expert_bits']:9.3f}")
+                  f"{d['mi_share']:9.3f} {d['h_expert_bits']:9.3f} {d['dispatch_entropy_nats']:10.3f}  {per_lang}")
+        print("dispatch H: sum_e (n_e/N) H(language | expert e), nats (0 = each expert serves one "
+              "language); H(expert | language): 0 = the language goes to one expert")
     if args.json:
         out = {name: counts for name, counts in result}
         if capacity is not None:

@@ -146,13 +146,15 @@ def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tm
     shares = report["stratum_share"]
     assert shares[0] == 1.0 and sum(shares) == pytest.approx(report["requested_capacity"])
     # I(first-choice expert; target language) per MoE layer; b and c are the targets
-    assert "I(expert; target language)" in proc.stdout
+    assert "I(expert; target language)" in proc.stdout and "dispatch H" in proc.stdout
     language_mi = json.loads(out.read_text())["target_language_mi"]
     assert language_mi and all(".moe" in name for name in language_mi)
     for d in language_mi.values():
         counts = torch.tensor(d["counts"])
         assert counts.shape[1] == 3 and int(counts.sum()) > 0  # languages a, b, c
         assert 0.0 <= d["mi_bits"] <= d["h_language_bits"] + 1e-9 <= 1.0 + 1e-9
+        assert 0.0 <= d["dispatch_entropy_nats"] <= math.log(2) + 1e-9
+        assert set(d["expert_entropy_bits_by_language"]) == {"b", "c"}
 
 
 def test_flags_reach_the_router(data_bin, tmp_path):

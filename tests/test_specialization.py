@@ -99,3 +99,7 @@ def test_marginal_entropies_and_the_language_report():
                                    "dec.moe": torch.tensor([[10, 10], [20, 20]])})
     assert abs(report["enc.moe"]["mi_bits"] - 1.0) < 1e-12 and report["enc.moe"]["mi_share"] == 1.0
     assert report["dec.moe"]["mi_bits"] < 1e-12  # routing independent of the language
+    # Chen et al.'s dispatch entropy with languages as clusters, and H(expert | language)
+    assert report["enc.moe"]["dispatch_entropy_nats"] == 0.0
+    assert abs(report["dec.moe"]["dispatch_entropy_nats"] - math.log(2)) < 1e-12
+    assert report["enc.moe"]["expert_entropy_bits_by_language"] == {"x": 1.0, "y": 0.0}

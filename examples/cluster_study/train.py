@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_fairseq.analysis.specialization import dispatch_entropy_nats, joint_counts
+
 from .models import ClusterMoE, PatchClassifier
 
 MODELS = ("single_linear", "single_nonlinear", "moe_linear", "moe_nonlinear")
@@ -52,13 +54,8 @@ def normalized_gd_step(params, lr: float) -> None:
 
 def dispatch_entropy(expert: Tensor, cluster: Tensor, num_experts: int, num_clusters: int) -> float:
     """``sum_e (n_e / N) H(cluster | expert = e)`` in nats; expert, cluster ``[N]``."""
-    counts = torch.zeros(num_experts, num_clusters, dtype=torch.float64)
-    counts.index_put_((expert.long(), cluster.long()), torch.ones(expert.numel(), dtype=torch.float64),
-                      accumulate=True)
-    n_e = counts.sum(1)
-    p = counts / n_e.clamp_min(1)[:, None]
-    h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(1)
-    return float((n_e / n_e.sum() * h).sum())
+    counts = joint_counts(expert.cpu(), cluster.cpu(), num_experts, num_clusters)
+    return dispatch_entropy_nats(counts)
 
 
 def accuracy(probs_or_logits: Tensor, y: Tensor) -> float:

@@ -49,6 +49,27 @@ def marginal_entropies_bits(counts: Tensor):
     return float(_entropy_bits(joint.sum(1))), float(_entropy_bits(joint.sum(0)))
 
 
+def dispatch_entropy_nats(counts: Tensor) -> float:
+    """Chen et al.'s dispatch entropy ``sum_e (n_e / N) H(Y | E = e)`` in nats from
+    ``[E, Y]`` joint counts (Y = cluster or language): 0 when every expert sees one
+    value of Y, ``ln |Y|`` when each expert sees all of them in proportion."""
+    counts = counts.double()
+    n_e = counts.sum(1)
+    if float(n_e.sum()) == 0:
+        return 0.0
+    p = counts / n_e.clamp_min(1)[:, None]
+    h = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(1)
+    return float((n_e / n_e.sum() * h).sum())
+
+
+def conditional_entropies_bits(counts: Tensor) -> Tensor:
+    """``[Y]`` entropies ``H(E | Y = y)`` in bits from ``[E, Y]`` counts: how many
+    experts' worth each y is spread over (0 = all of y goes to one expert)."""
+    col = counts.double().sum(0)
+    p = counts.double() / col.clamp_min(1)[None, :]
+    return _entropy_bits(p.t())
+
+
 def sample_entropy_bits(probs: Tensor) -> float:
     """``H_s``: mean over samples of the entropy of ``probs [N, E]`` (bits)."""
     if probs.size(0) == 0:
