@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.cluster_study.data import N_TEST, N_TRAIN, SETTINGS, generate, train_test  # noqa: E402
 from examples.cluster_study.report import accuracy_png, markdown, router_centers_png  # noqa: E402
 from examples.cluster_study.train import MODELS, Schedule, run  # noqa: E402
+from moe_fairseq.analysis.run_records import append_record, read_records, write_atomic  # noqa: E402
 
 QUICK = dict(n=2000, moe_epochs=101, single_epochs=101)
 
@@ -89,10 +90,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, "runs.jsonl")
     if args.restart and os.path.exists(log_path):
         os.remove(log_path)
-    done = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            done = [json.loads(line) for line in f if line.strip()]
+    done = read_records(log_path)
     shape = (args.n, args.moe_epochs, args.single_epochs, not args.no_noise_at_eval)
     have = {_key(r) for r in done}
     todo = [(s, seed, m) for seed in range(1, args.seeds + 1) for s in args.settings
@@ -101,10 +99,7 @@ def main(argv=None):
     start = time.perf_counter()
 
     def record(r):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(log_path, r)
         done.append(r)
         ent = "" if r.get("dispatch_entropy") is None else f", dispatch entropy {r['dispatch_entropy']:.3f}"
         print(f"  S{r['setting']} seed {r['seed']} {r['model']}: test accuracy {r['test_accuracy']:.2f}%"
@@ -127,13 +122,9 @@ def main(argv=None):
               f"(population std, as the authors) over seeds; dispatch entropy in nats (max ln 4 = 1.386) "
               f"on the last training forward\n")
     table = markdown(runs, header, with_checks=full)
-    tmp = os.path.join(args.out, "table.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(table)
-    os.replace(tmp, os.path.join(args.out, "table.md"))
-    with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "router_weight"} for r in runs], f, indent=1)
-    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    write_atomic(os.path.join(args.out, "table.md"), table)
+    write_atomic(os.path.join(args.out, "results.json"), json.dumps(
+        [{k: v for k, v in r.items() if k != "router_weight"} for r in runs], indent=1))
     print("\n" + table)
     try:
         import matplotlib  # noqa: F401

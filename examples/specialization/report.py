@@ -8,8 +8,10 @@ are over their 10 runs (results/fmnist_results.csv, results/mnist_results.csv).
 
 import math
 import os
-from statistics import mean, stdev
+from statistics import mean
 from typing import Dict, List
+
+from moe_fairseq.analysis.run_records import mean_std
 
 PAPER = {
     "fmnist": {
@@ -36,11 +38,7 @@ MIN_MI_BITS = 1.5   # acceptance: I(E;Y) of every MoE variant
 
 
 def _fmt(values, digits=3):
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
+    return mean_std(values, digits)
 
 
 def _paper(ref, key, digits=3):
