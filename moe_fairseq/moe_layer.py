@@ -169,6 +169,7 @@ class MoELayer(nn.Module):
         stream = None
         if self.router.num_passes > 1 or self.returns_block_output:
             stream = flat if residual is None else residual.reshape(-1, shape[-1])
+        token_pos = None  # rows of the tokens when padding is removed before routing
         if padding_mask is not None and self.routes_padded_batch(x):
             # The router sees every row and gives padding no expert: no host sync.
             token_mask = ~padding_mask.reshape(-1).to(torch.bool)
@@ -182,18 +183,15 @@ class MoELayer(nn.Module):
                 stream = gather_rows(stream, token_pos)
             out = self._route_and_compute(gather_rows(flat, token_pos), stream, dropout)
             out = scatter_rows(out, token_pos, flat.size(0))
-            if self.stats.token_passes is not None:
-                passes = self.stats.token_passes.new_zeros(flat.size(0))
-                self.stats.token_passes = passes.index_copy(0, token_pos, self.stats.token_passes)
-            if self.stats.first_expert is not None:
-                first = self.stats.first_expert.new_full((flat.size(0),), -1)
-                self.stats.first_expert = first.index_copy(0, token_pos, self.stats.first_expert)
         else:
             out = self._route_and_compute(flat, stream, dropout)
-        if self.stats.token_passes is not None:
-            self.stats.token_passes = self.stats.token_passes.view(shape[:-1])
-        if self.stats.first_expert is not None:
-            self.stats.first_expert = self.stats.first_expert.view(shape[:-1])
+        # Per-token statistics back to the input's positions (padding: 0 passes, expert -1).
+        for name, fill in (("token_passes", 0), ("first_expert", -1)):
+            values = getattr(self.stats, name)
+            if values is not None:
+                if token_pos is not None:
+                    values = values.new_full((flat.size(0),), fill).index_copy(0, token_pos, values)
+                setattr(self.stats, name, values.view(shape[:-1]))
         return out.reshape(*shape[:-1], out.size(-1))
 
     def routes_padded_batch(self, x: Tensor) -> bool:

@@ -16,6 +16,7 @@ MoE is the package's own MoELayer with the noisy top-1 router. Writes to --out:
 """
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -65,11 +66,18 @@ def parse_args(argv=None):
     return args
 
 
+@functools.lru_cache(maxsize=2)
+def _data(setting, seed, n):
+    """The (train, test) splits, generated once per (setting, seed) in a process: the
+    four models of a seed train on the same data."""
+    return train_test(setting, seed, n_train=n, n_test=n)
+
+
 def _one(args, setting, seed, model):
     import torch
     if args.jobs > 1:
         torch.set_num_threads(1)
-    train, test = train_test(setting, seed, n_train=args.n, n_test=args.n)
+    train, test = _data(setting, seed, args.n)
     schedule = Schedule(moe_epochs=args.moe_epochs, single_epochs=args.single_epochs)
     r = run(model, train, test, seed, schedule, noise_at_eval=not args.no_noise_at_eval)
     r.update(setting=setting, n=args.n, moe_epochs_max=args.moe_epochs,

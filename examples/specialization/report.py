@@ -103,13 +103,14 @@ def markdown(dataset: str, runs: List[dict], order: List[str], header: str = "",
         ref = paper.get(name, {})
         ref_mean = ("-" if "mean" not in ref else
                     f"{ref['mean']:.3f}" + (f" ± {ref['std']:.3f}" if "std" in ref else ""))
-        col = lambda key: _fmt([r[key] for r in rs if r.get(key) is not None])  # noqa: E731
+        def col(key, digits=3):
+            return _fmt([r[key] for r in rs if r.get(key) is not None], digits)
+
         ref_spec = ("-" if "mi" not in ref else
                     f"{ref['mi']:.2f} / {ref['h_s']:.3f} / {ref['h_u']:.2f}")
         out.append(f"| {name} | {len(rs)} | {col('test_error')} | {ref_mean} | "
-                   f"{_paper(ref, 'best')} | {col('train_error')} | {_fmt([r['mi_pred'] for r in rs if r.get('mi_pred') is not None], 2)} | "
-                   f"{_fmt([r['mi_label'] for r in rs if r.get('mi_label') is not None], 2)} | "
-                   f"{col('h_sample')} | {_fmt([r['h_usage'] for r in rs if r.get('h_usage') is not None], 2)} | "
+                   f"{_paper(ref, 'best')} | {col('train_error')} | {col('mi_pred', 2)} | "
+                   f"{col('mi_label', 2)} | {col('h_sample')} | {col('h_usage', 2)} | "
                    f"{ref_spec} | {mean(r['seconds'] for r in rs):.0f} |")
     if any(len(rs) >= 5 for rs in by.values()):
         out += ["", "Best of N by training error (the paper's table picks its runs this way):", "",
