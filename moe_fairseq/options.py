@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .errors import OneLineError
 from .routers import ROUTERS
 from .routers.base import CAPACITY_RULES
 from .routers.cosine import VAR_TYPES as MOEC_VAR_TYPES
@@ -19,7 +20,7 @@ from .routers.stratified import STRATUM_NORMS, parse_strata
 from .routers.top_k import EVAL_SECOND_EXPERT_POLICIES, SECOND_EXPERT_POLICIES
 
 
-class MoEConfigError(ValueError):
+class MoEConfigError(OneLineError, ValueError):
     """A bad MoE configuration; the message names the flag."""
 
 

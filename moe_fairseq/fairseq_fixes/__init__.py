@@ -6,10 +6,12 @@ Each module patches one fairseq behaviour and has an idempotent ``install()``:
   checkpoint copies are atomic;
 - ``batching``: fairseq main no longer drops an epoch's last batch;
 - ``ddp_cpu``: ``--ddp-backend c10d`` runs on CPU processes;
-- ``bf16``: ``--bf16`` trains on GPUs instead of fairseq's TPU path.
+- ``bf16``: ``--bf16`` trains on GPUs instead of fairseq's TPU path;
+- ``nan_detector``: a diverging run ends on ``FloatingPointError: gradients are Nan/Inf``,
+  not on a crash inside fairseq's NaN detector.
 """
 
-from . import batching, bf16, checkpoint_compat, ddp_cpu
+from . import batching, bf16, checkpoint_compat, ddp_cpu, nan_detector
 
 
 def install_all() -> None:
@@ -17,3 +19,4 @@ def install_all() -> None:
     batching.install()
     ddp_cpu.install()
     bf16.install()
+    nan_detector.install()
