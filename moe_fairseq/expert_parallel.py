@@ -18,7 +18,9 @@ all-to-all (``AllToAllDispatcher``). What fairseq's trainer needs on top:
   parameters and their optimizer state, and the saving rank writes full tensors.
   On load, each rank keeps its block of the experts (``ExpertBank``) and of their
   optimizer state (a load hook on the optimizer), so a checkpoint resumes on any
-  world size that divides E, and loads in a single process for decoding.
+  world size that divides E, and loads in a single process for decoding. With
+  ``--store-ema`` the EMA copy's experts are gathered and sliced the same way
+  (``--ema-fp32``, whose fp32 copies fairseq restores without a load hook, is refused).
 """
 
 import logging
@@ -57,6 +59,12 @@ def validate_expert_parallel(args, num_experts: int, world: int) -> None:
         raise MoEConfigError(
             f"--ddp-backend {backend} is not supported with expert parallelism; "
             f"use one of {list(SUPPORTED_DDP_BACKENDS)}"
+        )
+    if getattr(args, "store_ema", False) and getattr(args, "ema_fp32", False):
+        raise MoEConfigError(
+            "--ema-fp32 is not supported with expert parallelism (fairseq restores its "
+            "fp32 copies without a hook that could keep this rank's experts); drop "
+            "--ema-fp32 or train on one process"
         )
     if getattr(args, "fp16", False) and not (
         getattr(args, "fp16_no_flatten_grads", False) or getattr(args, "memory_efficient_fp16", False)
@@ -128,6 +136,14 @@ def _consolidate(trainer) -> None:
     group, _, world = expert_parallel_group()
     full = {name: _all_gather_rows(p.data, group, world) for name, p in experts}
     trainer._moe_full_experts = full if trainer.should_save_checkpoint_on_current_rank else None
+    trainer._moe_full_ema_experts = None
+    if trainer.cfg.ema.store_ema:
+        # The EMA model is a copy of the sharded model: its experts are sharded alike.
+        ema_state = trainer.ema.get_model().state_dict()
+        gathered = {"ema": {name: _all_gather_rows(ema_state[name], group, world)
+                            for name, _ in experts}}
+        if trainer.should_save_checkpoint_on_current_rank:
+            trainer._moe_full_ema_experts = gathered
     if trainer.cfg.checkpoint.no_save_optimizer_state:
         return
     slots = _expert_slots(trainer)
@@ -194,6 +210,11 @@ def install() -> None:
             for name, value in full.items():
                 sd["model"][name] = value
             self._moe_full_experts = None
+        full_ema = getattr(self, "_moe_full_ema_experts", None)
+        if full_ema:
+            for key, tensors in full_ema.items():
+                sd["extra_state"][key] = {**sd["extra_state"][key], **tensors}
+            self._moe_full_ema_experts = None
         return sd
 
     def load_checkpoint(self, *args, **kwargs):

@@ -36,6 +36,7 @@ every rank, whatever the local data; two guards see to it:
   all-to-all in the graph.
 """
 
+import copy
 from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
@@ -140,6 +141,14 @@ class AllToAllDispatcher:
         self.num_local_experts = _check_divisible(num_experts, self.world_size)
         # compact: only kept rows travel (the splits are read on the host anyway).
         self._sort = SortDispatcher(num_experts, layout="compact")
+
+    def __deepcopy__(self, memo):
+        # A process group is a handle to the ranks, not state: a copy of the model
+        # (fairseq's --store-ema) talks to the same ranks through the same group.
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone._sort = copy.deepcopy(self._sort, memo)
+        return clone
 
     def plan(self, routing: Routing) -> ExpertParallelPlan:
         """This rank's sort plan, then the count exchange (collective)."""

@@ -128,6 +128,14 @@ class MoELayer(nn.Module):
             "expert_load_total", torch.zeros(router.num_experts, dtype=torch.long), persistent=False
         )
 
+    def __getstate__(self):
+        # The last forward's stats hold graph-attached losses, which deepcopy and
+        # pickle refuse (fairseq's --store-ema deep-copies the model): a copy starts
+        # without them, as a fresh layer would.
+        state = self.__dict__.copy()
+        state["stats"] = None
+        return state
+
     @property
     def num_experts(self) -> int:
         """Experts the router chooses from (all ranks together)."""
@@ -259,7 +267,9 @@ class MoELayer(nn.Module):
                     continue
                 s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
                 h = self.router.pass_input(s, pass_index)
-            routing = self.router(h, pass_index, token_mask=token_mask)
+            # forward, not __call__: module hooks (fairseq's NanDetector, torch's backward
+            # hooks) expect tensors or tuples out of a module and fail on a Routing.
+            routing = self.router.forward(h, pass_index, token_mask=token_mask)
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)

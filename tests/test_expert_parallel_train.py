@@ -231,3 +231,37 @@ def test_similarity_loss_two_ranks_equal_one_rank(data_bin, tmp_path):
     train(data_bin, plain, 1, tmp_path, "--max-epoch", "1", "--update-freq", "2", tag="l0")
     with pytest.raises(AssertionError):
         assert_same_params(one / "checkpoint_last.pt", plain / "checkpoint_last.pt")
+
+
+def test_store_ema_two_ranks_equal_one_rank(data_bin, tmp_path):
+    """--store-ema under expert parallelism: the EMA copy's experts are sharded like
+    the model's, gathered into the checkpoint (all 4 experts) and sliced again on
+    resume; 2 ranks keep the same EMA as one process, before and after a resume."""
+    ema = ["--store-ema", "--ema-decay", "0.5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for epochs in ("1", "2"):  # the second run resumes from checkpoint_last.pt
+        train(data_bin, one, 1, tmp_path, "--max-epoch", epochs, "--update-freq", "2", *ema,
+              tag=f"e1-{epochs}")
+        train(data_bin, two, 2, tmp_path, "--max-epoch", epochs, *ema, tag=f"e2-{epochs}")
+        _, s1 = params(one / "checkpoint_last.pt")
+        model, s2 = params(two / "checkpoint_last.pt")
+        e1, e2 = s1["extra_state"]["ema"], s2["extra_state"]["ema"]
+        assert e1.keys() == e2.keys() == model.keys()
+        for k in e1:
+            assert e1[k].shape == e2[k].shape == model[k].shape, k
+            tol = 1e-4 if k.endswith(NOISE_ONLY) else 1e-5
+            assert float((e1[k].float() - e2[k].float()).abs().max()) <= tol, k
+        # the EMA trails the model: it is not a copy of it
+        w1 = [k for k in model if k.endswith("moe.experts.w1")]
+        assert w1 and all(e2[k].size(0) == 4 for k in w1)
+        assert any(float((e2[k] - model[k]).abs().max()) > 1e-4 for k in w1)
+
+
+def test_ema_fp32_is_refused_with_expert_parallelism(data_bin, tmp_path):
+    results = train(data_bin, tmp_path / "bad", 2, tmp_path, "--max-epoch", "1", "--store-ema",
+                    "--ema-fp32", tag="emafp32", check=False)
+    for code, log in results:
+        assert code != 0
+        errors = [line for line in log.splitlines()
+                  if re.match(r"(\[rank\d+\]: )?moe_fairseq: error:", line)]
+        assert len(errors) == 1 and "--ema-fp32" in errors[0], log[-3000:]
