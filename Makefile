@@ -39,6 +39,7 @@ $(STAMP): requirements.txt setup.py | $(PY)
 	$(PY) -m pip install --no-deps $(FAIRSEQ_REQ)
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps -e .
+	$(PY) moe_fairseq/autoload.py install
 	touch $@
 
 test: venv

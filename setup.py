@@ -1,4 +1,29 @@
+import os
+import runpy
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+AUTOLOAD = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "moe_fairseq", "autoload.py"), run_name="setup")
+
+
+class build_py_with_autoload(build_py):
+    """Also put moe_fairseq-autoload.pth at the root of the installed files, so that
+    fairseq's tools load the plugin without --user-dir (see moe_fairseq/autoload.py;
+    editable installs get it from `python moe_fairseq/autoload.py install`)."""
+
+    def run(self):
+        super().run()
+        with open(self._pth(), "w") as f:
+            f.write(AUTOLOAD["PTH_LINE"])
+
+    def _pth(self):
+        return os.path.join(self.build_lib, AUTOLOAD["PTH_NAME"])
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [self._pth()]
+
 
 # NOTE: fairseq itself is deliberately NOT listed in install_requires.
 # fairseq main is installed separately with `pip install --no-deps
@@ -29,4 +54,5 @@ setup(
         "tensorboard",
     ],
     extras_require={"test": ["pytest"]},
+    cmdclass={"build_py": build_py_with_autoload},
 )
