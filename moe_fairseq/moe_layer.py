@@ -7,6 +7,7 @@ outputs back. After each forward, :attr:`MoELayer.stats` holds the routing losse
 (differentiable, for the criterion) and detached statistics (for logging).
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -31,6 +32,7 @@ class MoEStats:
     - ``assignments`` / ``dropped``: token-expert assignments requested / dropped
       for capacity, summed over passes;
     - ``expert_load``: ``[E]`` assignments requested per expert;
+    - ``first_choice_load``: ``[E]`` tokens whose first choice is each expert (all passes);
     - ``entropy_sum``: sum over routed tokens (and passes) of the routing entropy
       in nats, with ``entropy_count`` the number of terms;
     - ``expert_passes``: token-pass count (= tokens for single-pass routers);
@@ -51,6 +53,7 @@ class MoEStats:
     assignments: Optional[Tensor] = None
     dropped: Optional[Tensor] = None
     expert_load: Optional[Tensor] = None
+    first_choice_load: Optional[Tensor] = None
     entropy_sum: Optional[Tensor] = None
     entropy_count: Optional[Tensor] = None
     expert_passes: Optional[Tensor] = None
@@ -66,6 +69,8 @@ class MoEStats:
         self.assignments += plan.requested.sum()
         self.dropped += plan.requested.sum() - plan.group_sizes.sum()
         self.expert_load += plan.requested
+        first = routing.expert_index[:, 0]  # -1 = padding or no expert
+        self.first_choice_load.scatter_add_(0, first.clamp_min(0), (first >= 0).long())
         self.expert_passes += n
         self.pass_tokens[pass_index] += n
         if self.token_passes is not None:
@@ -88,6 +93,26 @@ class MoEStats:
         load = self.expert_load.float()
         mean = load.mean()
         return torch.where(mean > 0, load.std(unbiased=False) / mean.clamp_min(1e-9), mean * 0)
+
+    @property
+    def collapsed(self) -> Tensor:
+        """Routing collapse: the router is sure (mean routing entropy below
+        ``COLLAPSE_ENTROPY`` of its maximum, log E) and one expert is the first choice of
+        at least ``COLLAPSE_SHARE`` of the tokens. An undecided router that happens to
+        rank one expert first (near-uniform probabilities at the start of training,
+        which the balance loss soon spreads) is not collapsed."""
+        load = self.first_choice_load.float()
+        total = load.sum()
+        E = load.numel()
+        entropy = self.entropy_sum / self.entropy_count.clamp_min(1)
+        sure = entropy < COLLAPSE_ENTROPY * math.log(max(E, 2))
+        return (total > 0) & (E > 1) & sure & (load.max() >= COLLAPSE_SHARE * total)
+
+
+# MoEStats.collapsed: share of the tokens' first choices one expert takes, and mean
+# routing entropy as a share of log E.
+COLLAPSE_SHARE = 0.9
+COLLAPSE_ENTROPY = 0.1
 
 
 class MoELayer(nn.Module):
@@ -235,6 +260,7 @@ class MoELayer(nn.Module):
             assignments=zero.clone(),
             dropped=zero.clone(),
             expert_load=torch.zeros(E, dtype=torch.long, device=device),
+            first_choice_load=torch.zeros(E, dtype=torch.long, device=device),
             entropy_sum=torch.zeros((), dtype=torch.float32, device=device),
             entropy_count=zero.clone(),
             expert_passes=zero.clone(),

@@ -30,7 +30,10 @@ balance part), ``moe_overflow`` (dropped / requested token-expert assignments),
 ``moe_load_cv`` (mean over layers of the coefficient of variation of expert
 load), ``moe_starved_experts`` (mean over layers of the share of experts given
 less than 10% of their fair share: MoEC's "sparse data allocation"),
-``moe_route_entropy`` (mean per-token routing entropy, nats).
+``moe_route_entropy`` (mean per-token routing entropy, nats), ``moe_collapsed`` (share
+of MoE layer-batches whose router is sure (entropy < 10% of log E) and sends >= 90% of
+the tokens first to one expert; a warning is logged when its moving average over
+updates reaches 0.5, see ``MoEStats.collapsed``).
 
 Multi-pass routers (SMoE) also log their dynamic capacity, over their layers:
 ``smoe_requested_capacity`` (mean expert passes per token, 1..L),
@@ -41,6 +44,7 @@ to the requested capacity) and, when the batch carries target-language tokens
 sentences translated into ``<lang>`` (encoder and decoder tokens together).
 """
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,19 +53,24 @@ from typing import Dict, List, Optional
 
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
+from fairseq.dataclass import FairseqDataclass
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from ..moe_layer import MoELayer, MoEStats
+from ..moe_layer import COLLAPSE_SHARE, MoELayer, MoEStats
 from ..options import MoEConfigError
 from ..similarity_loss import SimilarityLoss
 from ..requested_capacity import capacity_counts, capacity_summary, is_count_key
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
-class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+class MoERoutingLossConfig(FairseqDataclass):
+    """The routing-loss flags every MoE criterion takes."""
+
     moe_gate_loss_wt: float = field(
         default=0.01,
         metadata={"help": "weight of the gate loss (load balancing plus method-specific "
@@ -106,6 +115,12 @@ class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfi
                           "(moe_l<i>_load_cv, moe_l<i>_starved; i counts MoE layers in "
                           "module order, encoder first)"},
     )
+
+
+@dataclass
+class MoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig,
+                                         MoERoutingLossConfig):
+    pass
 
 
 COMBINE_METHODS = ("average", "sum")
@@ -177,6 +192,9 @@ def moe_layer_stats(model) -> List[MoEStats]:
 
 @register_criterion("moe_label_smoothed_cross_entropy", dataclass=MoELabelSmoothedCrossEntropyConfig)
 class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    # Read by criterions/guard.py: this criterion adds the routing losses.
+    collects_moe_losses = True
+
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
                  report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0,
                  moe_log_per_layer=False, moe_gate_loss_combine_method=None,
@@ -263,6 +281,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         out["moe_starved_sum"] = sum(float(s.starved_fraction) for s in stats)
         out["moe_entropy_sum"] = sum(float(s.entropy_sum) for s in stats)
         out["moe_entropy_count"] = sum(int(s.entropy_count) for s in stats)
+        out["moe_collapsed_layers"] = sum(int(s.collapsed) for s in stats)
         return out
 
     @classmethod
@@ -294,7 +313,34 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         count = total("moe_entropy_count")
         if count > 0:
             metrics.log_scalar("moe_route_entropy", total("moe_entropy_sum") / count, count, round=3)
+        if layer_batches > 0:
+            collapsed = total("moe_collapsed_layers") / layer_batches
+            metrics.log_scalar("moe_collapsed", collapsed, layer_batches, round=3)
+            cls.warn_on_collapse(collapsed, total("moe_entropy_sum") / max(count, 1))
         cls.reduce_requested_capacity(logging_outputs, total)
+
+    # reduce_metrics runs once per update: the warning follows a moving average of the
+    # collapsed share, with hysteresis, so that it fires once per episode, not per update.
+    _collapse_average = 0.0
+    _collapse_reported = False
+
+    @classmethod
+    def warn_on_collapse(cls, collapsed: float, route_entropy: float) -> None:
+        """A warning when the moving average (over ~10 updates) of the collapsed share
+        of MoE layer-batches reaches 0.5; an info line when it falls below 0.25."""
+        base = MoELabelSmoothedCrossEntropyCriterion  # one state for every subclass
+        base._collapse_average = 0.9 * base._collapse_average + 0.1 * collapsed
+        if base._collapse_average >= 0.5 and not base._collapse_reported:
+            logger.warning(
+                "routing collapse: in %.0f%% of recent MoE layer-batches the router sends >= "
+                "%.0f%% of the tokens first to one expert (moe_route_entropy %.3f nats); raise "
+                "--moe-gate-loss-wt, lower --lr, or add --moe-router-z-loss-wt",
+                100 * base._collapse_average, 100 * COLLAPSE_SHARE, route_entropy)
+            base._collapse_reported = True
+        elif base._collapse_average < 0.25 and base._collapse_reported:
+            logger.info("routing collapse over: %.0f%% of recent MoE layer-batches collapsed",
+                        100 * base._collapse_average)
+            base._collapse_reported = False
 
     @staticmethod
     def reduce_requested_capacity(logging_outputs, total) -> None:
