@@ -6,17 +6,18 @@ Each module patches one fairseq behaviour and has an idempotent ``install()``:
   checkpoint copies are atomic;
 - ``batching``: fairseq main no longer drops an epoch's last batch;
 - ``ddp_cpu``: ``--ddp-backend c10d`` runs on CPU processes;
-- ``bf16``: ``--bf16`` trains on GPUs instead of fairseq's TPU path;
+- ``precision``: ``--bf16`` trains on GPUs instead of fairseq's TPU path, ``--fp16``
+  trains on CPU;
 - ``nan_detector``: a diverging run ends on ``FloatingPointError: gradients are Nan/Inf``,
   not on a crash inside fairseq's NaN detector.
 """
 
-from . import batching, bf16, checkpoint_compat, ddp_cpu, nan_detector
+from . import batching, checkpoint_compat, ddp_cpu, nan_detector, precision
 
 
 def install_all() -> None:
     checkpoint_compat.install()
     batching.install()
     ddp_cpu.install()
-    bf16.install()
+    precision.install()
     nan_detector.install()
