@@ -68,8 +68,10 @@ def subprocess_env() -> Dict[str, str]:
         PYTHONHASHSEED="0",
     )
     # fairseq's --user-dir must be the only way the plugin gets in; do not
-    # let an inherited PYTHONPATH put the repo first.
+    # let an inherited PYTHONPATH put the repo first, nor the installed autoload
+    # (tests of the autoload turn it back on).
     env.pop("PYTHONPATH", None)
+    env["MOE_FAIRSEQ_AUTOLOAD"] = "0"
     return env
 
 
@@ -83,15 +85,16 @@ def run_cli(
     cwd: Optional[Path] = None,
     check: bool = True,
     timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m fairseq_cli.<tool> ARGS`` and return the completed process
     (``stdout``/``stderr`` as text). With ``check``, a non-zero exit fails the test
-    with the tail of both streams."""
+    with the tail of both streams; ``env`` adds to :func:`subprocess_env`."""
     cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *map(str, args)]
     proc = subprocess.run(
         cmd,
         cwd=str(cwd or REPO_ROOT),
-        env=subprocess_env(),
+        env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
