@@ -389,8 +389,8 @@ def validate_moec_args(args: argparse.Namespace) -> None:
             f"--moec-var-type must be one of {list(MOEC_VAR_TYPES)}, got {var_type!r}"
         )
     coef = getattr(args, "moec_var_coef", 0.0)
-    if coef is None or coef < 0:
-        raise MoEConfigError(f"--moec-var-coef must be >= 0, got {coef}")
+    if coef is None or not (coef >= 0 and math.isfinite(coef)):  # nan fails both
+        raise MoEConfigError(f"--moec-var-coef must be a finite number >= 0, got {coef}")
     if args.moe_router == "cosine" and coef > 0:
         if var_type in ("cluster", "gap") and E // G < 2:
             raise MoEConfigError(

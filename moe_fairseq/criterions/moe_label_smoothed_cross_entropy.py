@@ -202,10 +202,10 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                  moe_similarity_beta_d=1e-2, moe_similarity_sample_tokens=256):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.combine_method = resolve_combine_method(moe_gate_loss_combine_method)
-        if moe_gate_loss_wt < 0:
-            raise MoEConfigError(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
-        if moe_router_z_loss_wt < 0:
-            raise MoEConfigError(f"--moe-router-z-loss-wt must be >= 0, got {moe_router_z_loss_wt}")
+        for flag, value in (("--moe-gate-loss-wt", moe_gate_loss_wt),
+                            ("--moe-router-z-loss-wt", moe_router_z_loss_wt)):
+            if not (value >= 0 and math.isfinite(value)):  # nan fails both
+                raise MoEConfigError(f"{flag} must be a finite number >= 0, got {value}")
         self.gate_loss_wt = moe_gate_loss_wt
         self.z_loss_wt = moe_router_z_loss_wt
         self.similarity_wt, self.similarity = similarity_loss_from_flags(
