@@ -101,6 +101,8 @@ class MoEStats:
         at least ``COLLAPSE_SHARE`` of the tokens. An undecided router that happens to
         rank one expert first (near-uniform probabilities at the start of training,
         which the balance loss soon spreads) is not collapsed."""
+        if self.first_choice_load is None or self.entropy_sum is None:
+            return torch.tensor(False)  # stats built by hand, without first choices
         load = self.first_choice_load.float()
         total = load.sum()
         E = load.numel()
@@ -293,9 +295,7 @@ class MoELayer(nn.Module):
                     continue
                 s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
                 h = self.router.pass_input(s, pass_index)
-            # forward, not __call__: module hooks (fairseq's NanDetector, torch's backward
-            # hooks) expect tensors or tuples out of a module and fail on a Routing.
-            routing = self.router.forward(h, pass_index, token_mask=token_mask)
+            routing = self.router(h, pass_index, token_mask=token_mask)
             plan = self.dispatcher.plan(routing)
             rows, local_sizes = self.dispatcher.dispatch(h, plan)
             rows = self.experts(rows, local_sizes)
