@@ -36,10 +36,21 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=4000)
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all)")
     p.add_argument("--user-dir", default=None, help="plugin folder (default: this repository's moe_fairseq)")
-    p.add_argument("--json", default=None, help="also write the per-layer counts here")
+    p.add_argument("--json", default=None,
+                   help="also write the per-layer counts here (missing folders are created)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
     p.add_argument("--verbose", action="store_true", help="show fairseq's INFO logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json:
+        # Checked before the (long) routing pass, not when writing at the end.
+        folder = os.path.dirname(os.path.abspath(args.json))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--json {args.json}: cannot create its folder {folder} ({exc.strerror})")
+        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: not a writable file path")
+    return args
 
 
 def collect_expert_load(models, task, split, max_tokens, max_batches, device, by_language=None):
@@ -187,8 +198,10 @@ def main(argv=None):
             out["smoe_requested_capacity"] = capacity
         if language_mi:
             out["target_language_mi"] = language_mi
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
     return 0
 
 

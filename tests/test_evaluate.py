@@ -18,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:
 from moe_fairseq.bible import BibleDataError  # noqa: E402
 from moe_fairseq.bible import evaluate as E  # noqa: E402
 from moe_fairseq.bible.scoring import corpus_scores, score_direction  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 
 HYPS = [
     "In the beginning God created the heavens and the earth.",
@@ -190,6 +191,28 @@ def test_evaluate_selected_directions_single_model_columns(tmp_path):
     assert [r["direction"] for r in res["directions"]] == ["de-en"]
     header = next(l for l in (out / "results.md").read_text().splitlines() if l.startswith("| Dir"))
     assert header == "| Direction | Level | Lines | BLEU | chrF | BLEU-multi | chrF-multi |"
+
+
+def test_empty_hypotheses_are_scored_with_a_warning(tmp_path):
+    """A hypothesis file with empty lines (a decoding that lost sentences) is still
+    scored, as empty translations, but no longer silently: a warning names the file
+    and results.json counts them."""
+    data = make_data(tmp_path)
+    hyps = ["", HYPS[1], "  ", HYPS[3]]
+    a = write_hyps(tmp_path / "A", {"de-en": hyps})
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--data", str(data),
+         "--hypotheses", f"A={a}", "--directions", "de-en", "--output-dir", str(out), "--quiet"],
+        capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(a / "de-en.hyp") in warnings[0]
+    assert "2 of 4 hypotheses are empty" in warnings[0]
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    row = res["directions"][0]
+    assert row["empty_hypotheses"] == {"A": 2}
+    assert row["scores"]["A"]["bleu"] == sacrebleu.corpus_bleu(hyps, [WEB]).score
 
 
 def test_generate_command(tmp_path):

@@ -132,7 +132,7 @@ def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tm
     from conftest import REPO_ROOT, subprocess_env
 
     data, save_dir, _ = smoe_run
-    out = tmp_path / "load.json"
+    out = tmp_path / "reports" / "new" / "load.json"  # folders that do not exist yet
     proc = subprocess.run(
         [sys.executable, "scripts/expert_load.py", "--path", str(save_dir / "checkpoint_last.pt"),
          "--data", str(data), "--split", "valid", "--cpu", "--json", str(out)],
@@ -155,6 +155,24 @@ def test_expert_load_script_reports_requested_capacity_per_language(smoe_run, tm
         assert 0.0 <= d["mi_bits"] <= d["h_language_bits"] + 1e-9 <= 1.0 + 1e-9
         assert 0.0 <= d["dispatch_entropy_nats"] <= math.log(2) + 1e-9
         assert set(d["expert_entropy_bits_by_language"]) == {"b", "c"}
+
+
+def test_expert_load_refuses_an_unwritable_json_path_before_routing(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "scripts/expert_load.py", "--path", str(tmp_path / "none.pt"),
+         "--json", str(blocker / "load.json")],
+        cwd=str(REPO_ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error: --json" in last and "a_file" in last, proc.stderr[-2000:]
 
 
 def test_flags_reach_the_router(data_bin, tmp_path):

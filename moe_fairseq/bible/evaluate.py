@@ -417,6 +417,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                     f.writelines(h + "\n" for h in hyps)
         if len(hyps) != len(ref):
             raise BibleDataError(f"{path} has {len(hyps)} lines, the reference {len(ref)}")
+        empty = sum(1 for h in hyps if not h.strip())
+        row.setdefault("empty_hypotheses", {})[model["name"]] = empty
+        if empty:
+            # Scored as they are (an empty line is a zero-length translation), but a
+            # decoding that stopped early or lost its output should not pass unseen.
+            print(f"evaluate: warning: {path}: {empty} of {len(hyps)} hypotheses are empty; "
+                  "they are scored as empty translations", file=sys.stderr)
         scores = score_direction(hyps, ref, extra or None, tgt_lang=row["tgt"],
                                  tokenize=args.tokenize)
         row["scores"][model["name"]] = _flat(scores)
