@@ -265,3 +265,26 @@ def test_ema_fp32_is_refused_with_expert_parallelism(data_bin, tmp_path):
         errors = [line for line in log.splitlines()
                   if re.match(r"(\[rank\d+\]: )?moe_fairseq: error:", line)]
         assert len(errors) == 1 and "--ema-fp32" in errors[0], log[-3000:]
+
+
+def test_expert_parallel_checkpoints_average_like_any_other(data_bin, tmp_path):
+    """Each checkpoint of a 2-rank run holds all experts: scripts/average_checkpoints.py
+    averages them as it does single-process ones."""
+    two = tmp_path / "two"
+    train(data_bin, two, 2, tmp_path, "--max-epoch", "1", "--save-interval-updates", "1",
+          tag="avg")
+    names = sorted(p.name for p in two.glob("checkpoint_1_*.pt"))[-2:]
+    assert len(names) == 2
+    out = tmp_path / "avg.pt"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "average_checkpoints.py"),
+                           "--inputs", *[str(two / n) for n in names], "--output", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    avg, _ = params(out)
+    a, _ = params(two / names[0])
+    b, _ = params(two / names[1])
+    w1 = [k for k in avg if k.endswith("moe.experts.w1")]
+    assert w1 and all(avg[k].size(0) == 4 for k in w1)
+    for k in avg:
+        if avg[k].is_floating_point():
+            assert torch.equal(avg[k], ((a[k].double() + b[k].double()) / 2).to(avg[k].dtype)), k
