@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from moe_fairseq.bible import BibleDataError  # noqa: E402
 from moe_fairseq.bible import corpus as C  # noqa: E402
 from moe_fairseq.bible import prepare as P  # noqa: E402
 
@@ -323,8 +324,12 @@ def test_changed_settings_rebuild(built, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert {c["train"] for c in m["counts"].values()} == {30}
     assert {c["test"] for c in m["counts"].values()} == {55}
-    m2 = P.run(prep_args(built["db"], out, "--max-train-verses", "20", "--max-test-verses", "55"),
-               progress=False)
+    # Other settings replace a dataset only with --force (checkpoints depend on it).
+    with pytest.raises(BibleDataError, match=r"max_train_verses 30 -> 20"):
+        P.run(prep_args(built["db"], out, "--max-train-verses", "20", "--max-test-verses", "55"),
+              progress=False)
+    m2 = P.run(prep_args(built["db"], out, "--max-train-verses", "20", "--max-test-verses", "55",
+                         "--force"), progress=False)
     assert {c["train"] for c in m2["counts"].values()} == {20}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -119,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the subsampling and SentencePiece")
     p.add_argument("--workers", type=int, default=1,
                    help="processes for fairseq-preprocess and threads for SentencePiece")
-    p.add_argument("--force", action="store_true", help="rebuild even when OUT is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even when OUT is up to date, and replace a dataset of ours "
+                        "built with other settings (refused without it)")
     return p
 
 
@@ -339,14 +342,9 @@ def build(args, levels, versions, conn, db_path, db_sha, progress=True) -> dict:
 
 
 def _build(args, levels, versions, conn, db_path, db_sha, bar) -> dict:
-    out = args.out
+    out = args.build_dir  # a fresh folder; the manifest names the final one, args.out
     for sub in ("raw", "spm", "bin"):
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    for name in ("manifest.json", "spm.model", "spm.vocab", "dict.txt"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    for sub in ("raw", "spm", "bin"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        os.makedirs(os.path.join(out, sub))
 
     langs = list(levels)
     t0 = time.time()
@@ -499,7 +497,7 @@ def _build(args, levels, versions, conn, db_path, db_sha, bar) -> dict:
         "lang_dict": "bin/langs.txt",
         "fairseq_args": (
             f"--task translation_multi_simple_epoch --lang-pairs {','.join(directions)} "
-            f"--lang-dict {os.path.join(out, 'bin', 'langs.txt')} "
+            f"--lang-dict {os.path.join(args.out, 'bin', 'langs.txt')} "
             "--encoder-langtok tgt --decoder-langtok"
         ),
         "counts": {
@@ -536,24 +534,124 @@ def _build(args, levels, versions, conn, db_path, db_sha, bar) -> dict:
     return manifest
 
 
+def read_manifest(out: str) -> Optional[dict]:
+    """``OUT/manifest.json`` if it is one of ours, else None."""
+    try:
+        with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict) \
+        and "format_version" in manifest["settings"]
+    return manifest if ours else None
+
+
+def settings_changes(old: dict, new: dict) -> List[str]:
+    """``name old -> new`` for every setting that differs."""
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_out_folder(out: str, settings: dict, force: bool) -> Optional[dict]:
+    """What may be done with ``--out``: the manifest when it is up to date (nothing to
+    do), None when a build may go ahead; refuses, naming the reason, a folder holding
+    files the tool did not write and (without ``--force``) data built with other
+    settings, which checkpoints trained on it depend on."""
+    if not os.path.exists(out):
+        return None
+    if not os.path.isdir(out):
+        raise BibleDataError(f"--out {out} is a file, not a folder")
+    if not os.listdir(out):
+        return None
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise BibleDataError(
+            f"--out {out} is not empty and holds no manifest.json of prepare_bible.py: its "
+            "files are not ours to replace; choose a new or empty folder")
+    if is_up_to_date(out, settings) and not force:
+        return manifest
+    changes = settings_changes(manifest.get("settings", {}), settings)
+    if changes and not force:
+        raise BibleDataError(
+            f"--out {out} holds data built with other settings ({'; '.join(changes)}); "
+            "checkpoints trained on it need its dictionary and SentencePiece model: pass "
+            "--force to replace it, or choose another --out")
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_killed_builds(out: str) -> None:
+    """Tidy up after runs that were killed: their build folders (``OUT.tmp-<pid>``) are
+    removed; a previous dataset set aside for a swap (``OUT.old-<pid>``) goes back to
+    ``OUT`` if the swap never finished, and is removed if it did."""
+    parent, name = os.path.split(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.exists(out):
+            os.rename(path, out)
+            print(f"{out}: restored the dataset an interrupted rebuild had set aside",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def swap_in(build_dir: str, out: str) -> None:
+    """Replace ``out`` (absent, empty, or a dataset of ours) by the finished build: the
+    old one is renamed aside first, so a kill at any moment leaves one of the two whole
+    under ``out`` or next to it (and the next run cleans up)."""
+    aside = None
+    if os.path.exists(out):
+        aside = f"{os.path.abspath(out)}.old-{os.getpid()}"
+        os.rename(out, aside)
+    os.rename(build_dir, out)
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def run(argv: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
-    """Parse ``argv``, build (or find up to date) and return the manifest."""
+    """Parse ``argv``, build (or find up to date) and return the manifest.
+
+    The build goes to ``OUT.tmp-<pid>`` next to ``--out`` and replaces ``--out`` only
+    once complete: a failed or killed build leaves the previous dataset as it was.
+    """
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
     levels, versions = resolve_languages(args)
     db_path = args.db or C.find_default_db()
     conn = C.open_db(db_path)
+    args.out = os.path.normpath(args.out)
+    recover_killed_builds(args.out)
     try:
         needed = [C.PIVOT_VERSION, *C.EXTRA_EN_REFS, *versions.values()]
         C.check_versions(conn, needed, db_path)
         db_sha = C.sha256_file(db_path)
         settings = settings_of(args, levels, versions, db_sha)
-        if not args.force and is_up_to_date(args.out, settings):
+        current = check_out_folder(args.out, settings, args.force)
+        if current is not None:
             print(f"{args.out}: up to date (use --force to rebuild)")
-            with open(os.path.join(args.out, "manifest.json"), encoding="utf-8") as f:
-                return json.load(f)
-        os.makedirs(args.out, exist_ok=True)
-        manifest = build(args, levels, versions, conn, db_path, db_sha, progress=progress)
+            return current
+        args.build_dir = f"{os.path.abspath(args.out)}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(args.build_dir), exist_ok=True)
+        os.makedirs(args.build_dir)
+        try:
+            manifest = build(args, levels, versions, conn, db_path, db_sha, progress=progress)
+            swap_in(args.build_dir, args.out)
+        finally:
+            shutil.rmtree(args.build_dir, ignore_errors=True)  # only if the swap did not happen
     finally:
         conn.close()
     print(summary(manifest))
