@@ -6,6 +6,10 @@
     python scripts/prepare_bible.py --preset m4 --demo --out data/bible_m4_small
     python scripts/prepare_bible.py --preset m15 --out data/bible_m15
 
+It never destroys data: it builds next to ``--out`` and swaps the result in when
+complete, refuses a folder it did not write, and replaces a dataset built with other
+settings only with ``--force``.
+
 See ``moe_fairseq/bible/prepare.py`` for the output layout and
 ``moe_fairseq/bible/corpus.py`` for languages, held-out books and cleaning.
 """

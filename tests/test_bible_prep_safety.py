@@ -17,6 +17,8 @@ import pytest
 from conftest import REPO_ROOT, subprocess_env
 from test_bible_prep import make_db, prep_args
 
+from moe_fairseq.bible import prepare as P
+
 SCRIPT = str(REPO_ROOT / "scripts" / "prepare_bible.py")
 
 
@@ -67,12 +69,42 @@ def test_a_failed_rebuild_leaves_the_previous_dataset(dataset, tmp_path):
     out = tmp_path / "data"
     prepare(*prep_args(db, out))
     before = snapshot(out)
-    # fails late: the held-out book is too short for --min-test-verses
+    # the report: --test-books Obadiah fails validation late, after the build started
     argv = prep_args(db, out, "--force")
-    argv[argv.index("--min-test-verses") + 1] = "100000"
-    assert "fewer than --min-test-verses" in error_line(prepare(*argv, check=False))
+    argv[argv.index("--test-books") + 1] = "Obadiah"
+    line = error_line(prepare(*argv, check=False))
+    assert "en-de has only 0 test segments in the test books (Obadiah)" in line
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob("data.*"))  # the failed build folder is gone too
+
+
+def test_files_added_to_a_dataset_are_not_replaced_with_it(dataset, tmp_path):
+    """--force replaces the dataset, not the user's files put inside its folder."""
+    db, good, _ = dataset
+    out = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(good), str(out)], check=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "bin" / "extra.bin").write_bytes(b"mine too")
+    before = snapshot(out)
+    argv = prep_args(db, out, "--force")
+    argv[argv.index("--vocab-size") + 1] = "250"
+    line = error_line(prepare(*argv, check=False))
+    assert (f"--out {out} holds files prepare_bible.py did not write (bin/extra.bin, "
+            "notes.txt); a rebuild replaces the folder: move them out of it first") in line
     assert snapshot(out) == before
     assert not list(tmp_path.glob("data.*"))
+
+
+def test_removing_an_old_dataset_keeps_files_it_did_not_write(dataset, tmp_path):
+    """Files that appear in the old dataset during a rebuild survive the swap."""
+    _, good, _ = dataset
+    old = tmp_path / "data.old-1"
+    subprocess.run(["cp", "-r", str(good), str(old)], check=True)
+    (old / "spm" / "mine.txt").write_text("mine")
+    assert P.remove_dataset(str(old)) == ["spm/mine.txt"]
+    assert snapshot(old) == {"spm/mine.txt": hashlib.sha256(b"mine").hexdigest()}
+    (old / "spm" / "mine.txt").unlink()
+    assert P.remove_dataset(str(old)) == [] and not old.exists()
 
 
 def test_other_settings_are_refused_without_force(dataset, tmp_path):
@@ -121,21 +153,51 @@ def test_kill_9_during_a_rebuild_keeps_the_previous_dataset(dataset, tmp_path):
     # the next run removes the dead build and finds the dataset up to date
     again = prepare(*prep_args(db, out))
     assert "up to date" in again.stdout and not build.exists()
+    assert f"removed {build}, the build folder of a run that was killed" in again.stderr
     assert snapshot(out) == before
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
 
 
 def test_a_swap_cut_short_is_undone_by_the_next_run(dataset, tmp_path):
     """Killed between setting the old dataset aside and renaming the new one in:
-    the next run puts the old one back."""
+    the next run puts the old one back, removes the dead build and leaves alone a
+    folder that only looks like one of its builds."""
     db, good, files = dataset
     out = tmp_path / "data"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    aside = tmp_path / f"data.old-{dead.pid}"
-    unfinished = tmp_path / f"data.tmp-{dead.pid}"
+    pid, other = _dead_pid(), _dead_pid()
+    aside = tmp_path / f"data.old-{pid}"
+    unfinished = tmp_path / f"data.tmp-{pid}"
+    lookalike = tmp_path / f"data.tmp-{other}"
     subprocess.run(["cp", "-r", str(good), str(aside)], check=True)
     unfinished.mkdir()
+    (unfinished / P.BUILD_MARKER).touch()
+    (unfinished / "raw").mkdir()
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("not a build")
     proc = prepare(*prep_args(db, out))
-    assert "restored the dataset" in proc.stderr and "up to date" in proc.stdout
+    assert f"restored {out}, which an interrupted rebuild had set aside as {aside}" \
+        in proc.stderr and "up to date" in proc.stdout
     assert snapshot(out) == files
     assert not aside.exists() and not unfinished.exists()
+    assert (lookalike / "keep.txt").read_text() == "not a build"
+
+
+def test_a_linked_out_stays_a_link_to_the_new_data(dataset, tmp_path):
+    db, good, _ = dataset
+    real = tmp_path / "disk" / "data"
+    real.parent.mkdir()
+    subprocess.run(["cp", "-r", str(good), str(real)], check=True)
+    link = tmp_path / "data"
+    link.symlink_to(real)
+    argv = prep_args(db, link, "--force")
+    argv[argv.index("--vocab-size") + 1] = "250"
+    prepare(*argv)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads((real / "manifest.json").read_text())["settings"]["vocab_size"] == 250
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "disk"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["data"]

