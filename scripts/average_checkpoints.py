@@ -8,8 +8,9 @@
         --checkpoint-upper-bound 30 --output avg.pt
 
 Flags are spelled as in fairseq's scripts/average_checkpoints.py, which cannot read
-checkpoints on torch >= 2.6. Floating-point weights are averaged (in float64), integer and
-boolean buffers come from the newest checkpoint, the optimizer state is left out; see
+checkpoints on torch >= 2.6. Floating-point weights are averaged (in float64); integer and
+boolean buffers and all other fields come from the newest checkpoint (most updates), the
+optimizer state is left out; missing folders of --output are created; see
 ``moe_fairseq/checkpoint_averaging.py``. Decode the output with fairseq-generate --path.
 """
 
@@ -23,6 +24,7 @@ import moe_fairseq  # noqa: E402,F401  (the checkpoint allowlist, one-line error
 from moe_fairseq.checkpoint_averaging import (  # noqa: E402
     AveragingError,
     average_checkpoints,
+    check_output,
     last_checkpoints,
     save_atomically,
 )
@@ -42,19 +44,20 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-upper-bound", type=int, metavar="K",
                    help="with --num-*-checkpoints: ignore checkpoints past epoch/update K")
     args = p.parse_args(argv)
-    n = args.num_epoch_checkpoints or args.num_update_checkpoints
+    by_updates = args.num_update_checkpoints is not None
+    n = args.num_update_checkpoints if by_updates else args.num_epoch_checkpoints
+    flag = "--num-update-checkpoints" if by_updates else "--num-epoch-checkpoints"
+    if n is not None and len(args.inputs) != 1:
+        p.error(f"{flag} takes one --inputs folder, got {len(args.inputs)} paths")
+    if n is not None and n < 1:
+        p.error(f"{flag} must be >= 1, got {n}")
+    if n is None and args.checkpoint_upper_bound is not None:
+        p.error("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints")
     try:
+        check_output(args.output)  # before the (long) reading, not after it
         if n is not None:
-            if len(args.inputs) != 1:
-                p.error("--num-epoch-checkpoints/--num-update-checkpoints take one --inputs folder")
-            if n < 1:
-                p.error(f"the number of checkpoints must be >= 1, got {n}")
-            paths = last_checkpoints(args.inputs[0], n, args.num_update_checkpoints is not None,
-                                     args.checkpoint_upper_bound)
+            paths = last_checkpoints(args.inputs[0], n, by_updates, args.checkpoint_upper_bound)
         else:
-            if args.checkpoint_upper_bound is not None:
-                p.error("--checkpoint-upper-bound needs --num-epoch-checkpoints or "
-                        "--num-update-checkpoints")
             paths = args.inputs
         state = average_checkpoints(paths)
         save_atomically(state, args.output)
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     print(f"averaged {len(paths)} checkpoints into {args.output}:")
     for path in paths:
         print(f"  {path}")
+    print(f"other fields (cfg, extra_state, integer/boolean buffers) from the newest: "
+          f"{state['extra_state']['averaged_checkpoints']['fields_from']}")
     return 0
 
 
