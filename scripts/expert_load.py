@@ -42,15 +42,31 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true", help="show fairseq's INFO logging")
     args = p.parse_args(argv)
     if args.json:
-        # Checked before the (long) routing pass, not when writing at the end.
-        folder = os.path.dirname(os.path.abspath(args.json))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            p.error(f"--json {args.json}: cannot create its folder {folder} ({exc.strerror})")
-        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
-            p.error(f"--json {args.json}: not a writable file path")
+        # Checked (missing folders created) before the long routing pass, which used to
+        # end in a crash when the folder did not exist.
+        problem = json_path_problem(args.json)
+        if problem:
+            p.error(f"--json {args.json}: {problem}")
     return args
+
+
+def json_path_problem(path: str):
+    """Why ``path`` cannot be written (None if it can); creates its missing folders."""
+    if os.path.isdir(path):
+        return f"is a folder; give a file name such as {os.path.join(path, 'load.json')}"
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the folder {folder} ({exc.strerror})"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def collect_expert_load(models, task, split, max_tokens, max_batches, device, by_language=None):
@@ -198,10 +214,14 @@ def main(argv=None):
             out["smoe_requested_capacity"] = capacity
         if language_mi:
             out["target_language_mi"] = language_mi
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        tmp = f"{args.json}.tmp-{os.getpid()}"  # a kill leaves the old file or the new one
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return 0
 
 
