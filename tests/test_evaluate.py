@@ -207,12 +207,38 @@ def test_empty_hypotheses_are_scored_with_a_warning(tmp_path):
         capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and str(a / "de-en.hyp") in warnings[0]
-    assert "2 of 4 hypotheses are empty" in warnings[0]
+    assert warnings == [f"evaluate.py: warning: {a / 'de-en.hyp'}: 2 of 4 hypotheses are empty "
+                        "(lines 1, 3); they are scored as empty translations"], proc.stderr
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     row = res["directions"][0]
     assert row["empty_hypotheses"] == {"A": 2}
     assert row["scores"]["A"]["bleu"] == sacrebleu.corpus_bleu(hyps, [WEB]).score
+
+
+def test_line_counts_must_match_the_references(tmp_path, capsys):
+    """A hypothesis file with a line too few or too many is refused, naming it and the
+    reference (scoring it would pair every later line with the wrong verse); so is an
+    extra reference of another length, and a missing reference."""
+    data = make_data(tmp_path)
+    out = str(tmp_path / "o")
+    ref = data / "raw" / "test.en-de.en"
+    for n, name in [(3, "short"), (5, "long")]:
+        a = write_hyps(tmp_path / name, {"de-en": (HYPS + ["Amen."])[:n]})
+        assert _error(["--data", str(data), "--hypotheses", f"A={a}", "--directions", "de-en",
+                       "--output-dir", out], capsys) == (
+            f"evaluate.py: error: {a / 'de-en.hyp'} has {n} lines but the reference {ref} has "
+            "4: one hypothesis per reference line, in order")
+    a = tmp_path / "long"
+    kjv = data / "raw" / "test.de-en.ref-k"
+    kjv.write_text("".join(line + "\n" for line in KJV[:3]), encoding="utf-8")
+    assert _error(["--data", str(data), "--hypotheses", f"A={a}", "--directions", "de-en",
+                   "--output-dir", out], capsys) == (
+        f"evaluate.py: error: {kjv} has 3 lines but the reference {ref} has 4: the references "
+        "must hold the same verses (rerun prepare_bible.py)")
+    ref.unlink()
+    assert _error(["--data", str(data), "--hypotheses", f"A={a}", "--directions", "de-en",
+                   "--output-dir", out], capsys) == (
+        f"evaluate.py: error: reference for de-en not found: {ref} (rerun prepare_bible.py)")
 
 
 def test_generate_command(tmp_path):

@@ -12,6 +12,10 @@ folder of ready hypotheses) and each direction of the data's manifest:
    the data's ``spm.model``;
 3. sacrebleu scores them against the raw references: BLEU and chrF, and for
    xx->en also against WEB + the other English versions (multi-reference).
+   A hypothesis file must have one line per reference line (else one error line
+   names both files); empty hypotheses are scored as empty translations, with a
+   warning naming the file and lines, and counted in ``results.json``
+   (``empty_hypotheses``).
 
 Writes ``results.md`` (one row per direction, side-by-side columns per model,
 averages for en->xx, xx->en, each resource level and all) and
@@ -174,18 +178,35 @@ def read_lines(path: str) -> List[str]:
         return [line.rstrip("\n") for line in f]
 
 
-def references(data: str, manifest: dict, direction: str) -> Tuple[List[str], Dict[str, List[str]]]:
-    """Primary reference and, for xx->en, the extra English ones."""
+def reference_path(data: str, manifest: dict, direction: str) -> str:
     src, tgt = direction.split("-")
     pivot = manifest["pivot"]["lang"]
     xx = tgt if src == pivot else src
-    ref = read_lines(os.path.join(data, "raw", f"test.{pivot}-{xx}.{tgt}"))
+    return os.path.join(data, "raw", f"test.{pivot}-{xx}.{tgt}")
+
+
+def references(data: str, manifest: dict, direction: str) -> Tuple[List[str], Dict[str, List[str]]]:
+    """Primary reference and, for xx->en, the extra English ones (as long as the primary:
+    multi-reference scoring pairs them line by line)."""
+    src, tgt = direction.split("-")
+    pivot = manifest["pivot"]["lang"]
+    ref_path = reference_path(data, manifest, direction)
+    if not os.path.isfile(ref_path):
+        raise BibleDataError(f"reference for {direction} not found: {ref_path} "
+                             "(rerun prepare_bible.py)")
+    ref = read_lines(ref_path)
     extra: Dict[str, List[str]] = {}
     if tgt == pivot:
         for version in manifest.get("extra_refs", {}).get("versions", {}):
             path = os.path.join(data, "raw", f"test.{src}-{pivot}.ref-{version}")
             if os.path.isfile(path):
-                extra[version] = read_lines(path)
+                lines = read_lines(path)
+                if len(lines) != len(ref):
+                    raise BibleDataError(
+                        f"{path} has {len(lines)} lines but the reference {ref_path} has "
+                        f"{len(ref)}: the references must hold the same verses (rerun "
+                        "prepare_bible.py)")
+                extra[version] = lines
     return ref, extra
 
 
@@ -416,14 +437,20 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 with open(path, "w", encoding="utf-8") as f:
                     f.writelines(h + "\n" for h in hyps)
         if len(hyps) != len(ref):
-            raise BibleDataError(f"{path} has {len(hyps)} lines, the reference {len(ref)}")
-        empty = sum(1 for h in hyps if not h.strip())
-        row.setdefault("empty_hypotheses", {})[model["name"]] = empty
+            raise BibleDataError(
+                f"{path} has {len(hyps)} lines but the reference "
+                f"{reference_path(data, manifest, d)} has {len(ref)}: one hypothesis per "
+                "reference line, in order")
+        empty = [i + 1 for i, h in enumerate(hyps) if not h.strip()]
+        row.setdefault("empty_hypotheses", {})[model["name"]] = len(empty)
         if empty:
             # Scored as they are (an empty line is a zero-length translation), but a
             # decoding that stopped early or lost its output should not pass unseen.
-            print(f"evaluate: warning: {path}: {empty} of {len(hyps)} hypotheses are empty; "
-                  "they are scored as empty translations", file=sys.stderr)
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            tqdm.write(f"evaluate.py: warning: {path}: {len(empty)} of {len(hyps)} hypotheses "
+                       f"are empty (line{'s' if len(empty) > 1 else ''} {shown}); they are "
+                       "scored as empty translations",
+                       file=sys.stderr)
         scores = score_direction(hyps, ref, extra or None, tgt_lang=row["tgt"],
                                  tokenize=args.tokenize)
         row["scores"][model["name"]] = _flat(scores)
