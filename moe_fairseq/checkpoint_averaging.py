@@ -29,6 +29,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .atomic_files import write_atomically
 from .errors import OneLineError
 
 
@@ -160,7 +161,8 @@ def check_output(path: str) -> None:
 def save_atomically(state: dict, path: str) -> None:
     """Temp file in the same folder, fsync, rename: a kill leaves the old file or the
     new one, never half of one (the plugin's own checkpoint saves do the same)."""
-    from .fairseq_fixes.checkpoint_compat import _atomic_save, plain_types
+    from .fairseq_fixes.checkpoint_compat import plain_types
 
     check_output(path)
-    _atomic_save(plain_types(state), path)  # plain types: readable by any torch
+    state = plain_types(state)  # readable by any torch, as the plugin's own saves
+    write_atomically(path, lambda f: torch.save(state, f))

@@ -214,14 +214,10 @@ def main(argv=None):
             out["smoe_requested_capacity"] = capacity
         if language_mi:
             out["target_language_mi"] = language_mi
-        tmp = f"{args.json}.tmp-{os.getpid()}"  # a kill leaves the old file or the new one
-        try:
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=1)
-            os.replace(tmp, args.json)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from moe_fairseq.atomic_files import write_atomically
+
+        text = json.dumps(out, indent=1).encode()  # a kill leaves the old file or the new one
+        write_atomically(args.json, lambda f: f.write(text))
     return 0
 
 

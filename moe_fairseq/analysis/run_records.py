@@ -10,6 +10,8 @@ import os
 from statistics import mean, pstdev, stdev
 from typing import List, Sequence
 
+from ..atomic_files import write_atomically
+
 
 def read_records(path: str) -> List[dict]:
     """Every record in ``path`` (a JSON object per line); [] when it does not exist."""
@@ -27,10 +29,7 @@ def append_record(path: str, record: dict) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def mean_std(values: Sequence[float], digits: int = 3, population: bool = False) -> str:

@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..atomic_files import pid_alive
 from . import BibleDataError, run_as_command
 from . import corpus as C
 
@@ -650,16 +651,6 @@ def _remove_old_dataset(path: str) -> None:
               f"write ({_some(left)}); move them and remove the folder", file=sys.stderr)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_killed_builds(out: str) -> None:
     """Tidy up after runs that were killed: their build folders (``OUT.tmp-<pid>``) are
     removed; a previous dataset set aside for a swap (``OUT.old-<pid>``) goes back to
@@ -670,7 +661,7 @@ def recover_killed_builds(out: str) -> None:
         return
     for entry in sorted(os.listdir(parent)):
         m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
-        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+        if not m or int(m.group(2)) == os.getpid() or pid_alive(int(m.group(2))):
             continue
         path = os.path.join(parent, entry)
         if not os.path.isdir(path) or os.path.islink(path):

@@ -35,6 +35,7 @@ import zipfile
 import numpy as np
 import torch
 
+from ..atomic_files import pid_alive, write_atomically
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -165,59 +166,14 @@ def describe_load_error(path: str, exc: BaseException) -> str:
     return f"checkpoint {path} cannot be read: {type(exc).__name__}: {first}"
 
 
-def _fsync_replace(tmp: str, dst_path: str) -> None:
-    os.replace(tmp, dst_path)
-    try:  # make the rename itself durable
-        fd = os.open(os.path.dirname(os.path.abspath(dst_path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_name(dst_path: str) -> str:
-    return f"{dst_path}.tmp-{os.getpid()}"
-
-
 def _atomic_copy(src_path: str, dst_path: str) -> bool:
-    tmp = temp_name(dst_path)
-    try:
-        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=16 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        _fsync_replace(tmp, dst_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with open(src_path, "rb") as src:
+        write_atomically(dst_path, lambda dst: shutil.copyfileobj(src, dst, length=16 << 20))
     return True
 
 
 def _atomic_save(obj, dst_path: str) -> None:
-    tmp = temp_name(dst_path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, dst_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    write_atomically(dst_path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temp_files(save_dir: str) -> list:
@@ -227,7 +183,7 @@ def remove_stale_temp_files(save_dir: str) -> list:
     for path in glob.glob(os.path.join(glob.escape(save_dir), "*.pt.tmp*")):
         m = re.search(r"\.pt\.tmp(?:-(\d+))?$", path)
         if m is None or (m.group(1) and (int(m.group(1)) == os.getpid()
-                                         or _pid_alive(int(m.group(1))))):
+                                         or pid_alive(int(m.group(1))))):
             continue
         try:
             os.remove(path)
