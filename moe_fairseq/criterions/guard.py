@@ -3,7 +3,9 @@
 Copying a fairseq recipe keeps ``--criterion label_smoothed_cross_entropy``; with an
 MoE architecture that trains without load balancing and without a word, and the
 router collapses onto few experts. Training stops at start-up instead, naming the
-criterion to use. (Training without balance on purpose: ``--moe-gate-loss-wt 0``.)
+criterion to use. (Training without balance on purpose: ``--moe-gate-loss-wt 0``.) A
+criterion of one's own that adds the routing losses says so with the class attribute
+``collects_moe_losses = True`` (ours inherit it).
 """
 
 from ..moe_layer import MoELayer
