@@ -6,7 +6,7 @@ the leftovers of processes that are gone (``pid_alive``).
 """
 
 import os
-from typing import Callable, IO
+from typing import IO, Callable, Optional
 
 
 def temp_name(path: str) -> str:
@@ -51,3 +51,24 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def output_path_problem(path: str, example_name: str) -> Optional[str]:
+    """Why a file cannot be written at ``path`` (None if it can), checked before long
+    work; missing folders are created. ``example_name`` completes the hint when
+    ``path`` is a folder."""
+    if os.path.isdir(path):
+        return f"is a folder; give a file name such as {os.path.join(path, example_name)}"
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the folder {folder} ({exc.strerror})"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None

@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .atomic_files import write_atomically
+from .atomic_files import output_path_problem, write_atomically
 from .errors import OneLineError
 
 
@@ -143,19 +143,9 @@ def last_checkpoints(folder: str, n: int, by_updates: bool, upper_bound=None) ->
 def check_output(path: str) -> None:
     """Before any checkpoint is read: ``path`` can be written (missing folders are
     created), so a long averaging does not end in a crash."""
-    if os.path.isdir(path):
-        raise AveragingError(f"--output {path} is a folder; give a file name such as "
-                             f"{os.path.join(path, 'checkpoint_avg.pt')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    blocker = folder
-    while blocker and not os.path.exists(blocker):
-        blocker = os.path.dirname(blocker)
-    if not os.path.isdir(blocker):
-        raise AveragingError(f"--output {path}: {blocker} is a file, not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise AveragingError(f"--output {path}: cannot create folder {folder} ({exc.strerror})")
+    problem = output_path_problem(path, "checkpoint_avg.pt")
+    if problem:
+        raise AveragingError(f"--output {path}: {problem}")
 
 
 def save_atomically(state: dict, path: str) -> None:

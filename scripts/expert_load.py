@@ -44,29 +44,12 @@ def parse_args(argv=None):
     if args.json:
         # Checked (missing folders created) before the long routing pass, which used to
         # end in a crash when the folder did not exist.
-        problem = json_path_problem(args.json)
+        from moe_fairseq.atomic_files import output_path_problem
+
+        problem = output_path_problem(args.json, "load.json")
         if problem:
             p.error(f"--json {args.json}: {problem}")
     return args
-
-
-def json_path_problem(path: str):
-    """Why ``path`` cannot be written (None if it can); creates its missing folders."""
-    if os.path.isdir(path):
-        return f"is a folder; give a file name such as {os.path.join(path, 'load.json')}"
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is a file, not a folder"
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create the folder {folder} ({exc.strerror})"
-    if not os.access(folder, os.W_OK):
-        return f"the folder {folder} is not writable"
-    return None
 
 
 def collect_expert_load(models, task, split, max_tokens, max_batches, device, by_language=None):

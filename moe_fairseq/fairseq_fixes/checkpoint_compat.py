@@ -172,10 +172,6 @@ def _atomic_copy(src_path: str, dst_path: str) -> bool:
     return True
 
 
-def _atomic_save(obj, dst_path: str) -> None:
-    write_atomically(dst_path, lambda f: torch.save(obj, f))
-
-
 def remove_stale_temp_files(save_dir: str) -> list:
     """Remove ``*.pt.tmp-<pid>`` files of processes that are gone (a killed save) and
     fairseq's own ``*.pt.tmp``; returns the removed paths."""
@@ -222,7 +218,7 @@ def install() -> None:
         obj = plain_types(obj)
         if async_write or PathManager.path_requires_pathmanager(filename):
             return original_save(obj, filename, async_write=async_write)
-        _atomic_save(obj, filename)
+        write_atomically(filename, lambda f: torch.save(obj, f))
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         local = None if PathManager.path_requires_pathmanager(path) else path
