@@ -7,14 +7,18 @@ epoch, lets ``--ddp-backend c10d`` run on CPU processes (all in ``fairseq_fixes`
 teaches fairseq's
 trainer to save and load experts sharded over ranks (see ``expert_parallel``), lets
 ``--bf16`` train on GPUs instead of fairseq's TPU path (``fairseq_fixes``), and
-prints bad flags and unreadable checkpoints as one line (``errors``).
+prints bad flags and unreadable checkpoints as one line (``errors``), and adds expert-load
+histograms and I(expert; target language) to fairseq's TensorBoard logging
+(``analysis/tensorboard_routing``).
 """
 
 from . import errors, expert_parallel, fairseq_fixes
+from .analysis import tensorboard_routing
 
 fairseq_fixes.install_all()
 expert_parallel.install()
 errors.install_excepthook()
+tensorboard_routing.install()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)
 

@@ -45,7 +45,10 @@ class MoEStats:
       transformer layer (it knows which dim is the batch);
     - ``first_expert``: only when the layer's ``record_first_expert`` is set
       (analysis tools): each position's first-choice expert at the first pass,
-      shaped like the input without its last dim, -1 for padding.
+      shaped like the input without its last dim, -1 for padding;
+    - ``first_probs``: with ``first_expert``, the router probabilities of the first
+      pass (fp32, detached), shaped like the input with E as its last dim (rows of
+      padding: 0); None for a router that gives no probabilities.
     """
 
     losses: Dict[str, Tensor] = field(default_factory=dict)
@@ -62,6 +65,7 @@ class MoEStats:
     sentence_passes: Optional[Tensor] = None
     sentence_tokens: Optional[Tensor] = None
     first_expert: Optional[Tensor] = None
+    first_probs: Optional[Tensor] = None
 
     def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
         """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
@@ -220,13 +224,15 @@ class MoELayer(nn.Module):
             out = scatter_rows(out, token_pos, flat.size(0))
         else:
             out = self._route_and_compute(flat, stream, dropout)
-        # Per-token statistics back to the input's positions (padding: 0 passes, expert -1).
-        for name, fill in (("token_passes", 0), ("first_expert", -1)):
+        # Per-token statistics back to the input's positions (padding: 0 passes,
+        # expert -1, probabilities 0).
+        for name, fill in (("token_passes", 0), ("first_expert", -1), ("first_probs", 0)):
             values = getattr(self.stats, name)
             if values is not None:
                 if token_pos is not None:
-                    values = values.new_full((flat.size(0),), fill).index_copy(0, token_pos, values)
-                setattr(self.stats, name, values.view(shape[:-1]))
+                    values = values.new_full((flat.size(0), *values.shape[1:]), fill).index_copy(
+                        0, token_pos, values)
+                setattr(self.stats, name, values.view(*shape[:-1], *values.shape[1:]))
         return out.reshape(*shape[:-1], out.size(-1))
 
     def routes_padded_batch(self, x: Tensor) -> bool:
@@ -315,6 +321,8 @@ class MoELayer(nn.Module):
                 similarity = self.similarity(routing.probs, h, token_mask)
             if pass_index == 0 and self.record_first_expert:
                 stats.first_expert = routing.expert_index[:, 0].detach().clone()
+                if routing.probs is not None and routing.probs.size(1) == E:
+                    stats.first_probs = routing.probs.detach().float().clone()
             stats.record_pass(pass_index, routing, plan, pos)
 
             if not stream_output:

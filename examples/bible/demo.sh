@@ -3,7 +3,9 @@
 # Bible benchmark, train a tiny dense, a tiny MoE and a tiny SMoE transformer for the same
 # number of updates, evaluate them and print the BLEU/chrF table side by side, the MoE
 # model's expert load per layer and the SMoE model's requested capacity per target
-# language. A second run reuses what is already built.
+# language, and end with a routing report of the MoE models side by side (figures:
+# expert x language heat maps, load, I(expert; language); DIR/eval/routing_report/report.md).
+# A second run reuses what is already built.
 #
 # Knobs (environment): DEMO_DIR (default runs/demo), DEMO_UPDATES (default 1000),
 # DEMO_METHODS (default "dense moe smoe"; any of dense moe moec smoe).
@@ -17,7 +19,7 @@ read -r -a methods <<< "${DEMO_METHODS:-dense moe smoe}"
 data=$dir/data
 non_dense=0
 for m in "${methods[@]}"; do [ "$m" = dense ] || non_dense=$((non_dense + 1)); done
-total=$(( 2 + ${#methods[@]} + non_dense ))
+total=$(( 2 + ${#methods[@]} + non_dense + (non_dense > 0 ? 1 : 0) ))
 start=$(date +%s)
 
 step() { printf '\n=== [%s] %s (%ds elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
@@ -54,4 +56,19 @@ for method in "${methods[@]}"; do
     | grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__"
 done
 
+report_paths=()
+for method in "${methods[@]}"; do
+  [ "$method" = dense ] || report_paths+=(--path "$dir/$method/checkpoint_last.pt" --label "$method")
+done
+if [ "${#report_paths[@]}" -gt 0 ]; then
+  n=$((n + 1))
+  step $((n + 1))/$total "routing report of the MoE models, side by side (test set)"
+  "$PYTHON" scripts/routing_report.py "${report_paths[@]}" --data "$data/bin" --split test \
+    --cpu --out "$dir/eval/routing_report" 2>&1 \
+    | grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__"
+fi
+
 printf '\ndemo finished in %ds; results: %s/eval/results.md\n' "$(( $(date +%s) - start ))" "$dir"
+if [ "${#report_paths[@]}" -gt 0 ]; then
+  printf 'routing report (figures): %s/eval/routing_report/report.md\n' "$dir"
+fi

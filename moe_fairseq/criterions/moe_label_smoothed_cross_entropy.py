@@ -58,6 +58,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
+from omegaconf import II
+
+from ..analysis import tensorboard_routing
 
 from ..moe_layer import COLLAPSE_SHARE, MoELayer, MoEStats
 from ..options import MoEConfigError
@@ -115,6 +118,9 @@ class MoERoutingLossConfig(FairseqDataclass):
                           "(moe_l<i>_load_cv, moe_l<i>_starved; i counts MoE layers in "
                           "module order, encoder first)"},
     )
+    # With --tensorboard-logdir the criterion also collects the routing views
+    # (expert-load histograms, I(expert; target language)); see analysis/tensorboard_routing.py.
+    tensorboard_logdir: Optional[str] = II("common.tensorboard_logdir")
 
 
 @dataclass
@@ -199,7 +205,8 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                  report_accuracy=False, moe_gate_loss_wt=0.01, moe_router_z_loss_wt=0.0,
                  moe_log_per_layer=False, moe_gate_loss_combine_method=None,
                  moe_similarity_loss_wt=0.0, moe_similarity_beta_s=1e-7,
-                 moe_similarity_beta_d=1e-2, moe_similarity_sample_tokens=256):
+                 moe_similarity_beta_d=1e-2, moe_similarity_sample_tokens=256,
+                 tensorboard_logdir=None):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.combine_method = resolve_combine_method(moe_gate_loss_combine_method)
         for flag, value in (("--moe-gate-loss-wt", moe_gate_loss_wt),
@@ -212,12 +219,17 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             moe_similarity_loss_wt, moe_similarity_beta_s, moe_similarity_beta_d,
             moe_similarity_sample_tokens)
         self.log_per_layer = moe_log_per_layer
+        self.tensorboard_routing = bool(tensorboard_logdir)
 
     def forward(self, model, sample, reduce=True):
-        for m in model.modules():
-            if isinstance(m, MoELayer):
-                m.stats = None  # only this forward's layers count
-                m.similarity = self.similarity
+        # The TensorBoard routing views need each token's first expert (training only).
+        tb_views = self.tensorboard_routing and model.training
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+        for _, m in layers:
+            m.stats = None  # only this forward's layers count
+            m.similarity = self.similarity
+            if tb_views:
+                m.record_first_expert = True
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -225,6 +237,8 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         stats = moe_layer_stats(model)
         moe_logs = self.moe_logging_output(stats, self.combine_method)
         moe_logs.update(capacity_counts(stats, self.task, sample))
+        if tb_views:
+            moe_logs.update(tensorboard_routing.routing_logging_output(layers, self.task, sample))
         if self.log_per_layer:
             for i, s in enumerate(stats):
                 moe_logs[f"moe_l{i}_load_cv"] = float(s.load_cv)
@@ -287,6 +301,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
+        tensorboard_routing.accumulate(logging_outputs)
 
         def total(key):
             return utils.item(sum(log.get(key, 0) for log in logging_outputs))
