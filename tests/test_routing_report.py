@@ -354,3 +354,17 @@ def test_two_expert_parallel_ranks_write_the_histograms_of_one_process(data_bin,
                                "moe_expert_load/encoder.layers.1"]
     assert logs[2] == logs[1]
     assert all(len(v) == 2 for v in logs[1].values())  # updates 2 and 4
+
+
+def test_bilingual_checkpoint(trained, tmp_path):
+    """A ``translation`` checkpoint: one direction, from the task's --source/--target-lang."""
+    proc = routing_report("--path", trained.checkpoint_last, "--data", trained.data,
+                          "--out", tmp_path, "--cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "report.json").read_text())
+    (model,) = doc["models"]
+    assert model["directions"] == ["src-tgt"] and model["label"] == "checkpoints"
+    for layer in model["layers"]:
+        assert layer["target_language"]["languages"] == ["tgt"]
+        assert layer["target_language"]["mi_bits"] == 0.0
+        assert sum(layer["first_choice"]) == layer["tokens"] > 0

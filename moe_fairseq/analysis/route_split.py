@@ -60,6 +60,8 @@ def model_directions(loaded: LoadedModel) -> List[str]:
     pairs = getattr(task_cfg, "lang_pairs", None)
     if pairs:
         return list(pairs.split(",") if isinstance(pairs, str) else pairs)
+    # translation infers the pair from the data files when the flags were not given
+    task_cfg = getattr(loaded.task, "cfg", None) or getattr(loaded.task, "args", None) or task_cfg
     src, tgt = getattr(task_cfg, "source_lang", None), getattr(task_cfg, "target_lang", None)
     if src and tgt:
         return [f"{src}-{tgt}"]

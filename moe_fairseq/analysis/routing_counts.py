@@ -29,7 +29,6 @@ from torch import Tensor
 
 from .specialization import (
     conditional_entropies_bits,
-    joint_counts,
     marginal_entropies_bits,
     max_bits,
     mutual_information_bits,
@@ -231,14 +230,6 @@ def cluster_summary(load: Tensor, clusters: int) -> dict:
     return dict(count=clusters, cluster_size=per.size(1),
                 load_share=(per.sum(1) / total).tolist() if total > 0 else [0.0] * clusters,
                 within_cluster_cv=cv.tolist())
-
-
-def joint_from_first(first_expert: Tensor, label: Tensor, num_experts: int,
-                     num_labels: int) -> Tensor:
-    """``[E, L]`` counts of (first-choice expert, label) over the routed positions of
-    ``first_expert`` (-1 = padding); ``label`` has the same shape (-1 = unknown)."""
-    keep = (first_expert >= 0) & (label >= 0)
-    return joint_counts(first_expert[keep], label[keep], num_experts, num_labels)
 
 
 def merge_summaries(summaries: Dict[str, dict]) -> List[str]:

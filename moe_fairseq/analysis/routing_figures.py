@@ -33,8 +33,10 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def _grid(rows: int, cols: int, width: float, height: float):
-    """``rows x cols`` panels of at least 4 x 2.8 inches (room for two-line titles)."""
-    fig, axes = plt.subplots(rows, cols, figsize=(max(width, 4.0) * cols, max(height, 2.8) * rows),
+    """``rows x cols`` panels of 4 x 2.8 to 12 x 8 inches (room for two-line titles; many
+    experts or languages do not make a poster)."""
+    width, height = min(max(width, 4.0), 12.0), min(max(height, 2.8), 8.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
                              squeeze=False, layout="constrained")
     return fig, axes
 

@@ -16,7 +16,7 @@ writes and clears them when it logs ``train_inner``. Only the first process writ
 TensorBoard files, as for fairseq's scalars.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,7 +28,6 @@ LOAD_PREFIX = "moe_tb_load:"  # + layer name -> [E] assignments
 LANG_PREFIX = "moe_tb_lang:"  # + layer name -> [E * L] (first expert, target language)
 
 _pending: Dict[str, Tensor] = {}  # summed since the last TensorBoard write
-_languages: List[str] = []
 
 
 def routing_logging_output(layers: Sequence[Tuple[str, object]], task, sample) -> Dict[str, Tensor]:
@@ -49,7 +48,6 @@ def routing_logging_output(layers: Sequence[Tuple[str, object]], task, sample) -
             continue
         index, names = found
         E, L = m.num_experts, len(names)
-        _languages[:] = names
         joint = torch.zeros(E * L, dtype=torch.long, device=s.expert_load.device)
         first = s.first_expert
         # fairseq's transformer layers see [T, B, C]: dim 1 is the sentence
