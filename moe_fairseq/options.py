@@ -7,6 +7,7 @@ Flags are spelled as in fairseq's MoE branch (``--moe-expert-count``, ``--moe-fr
 """
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -76,6 +77,10 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-decoder-layers", type=str, metavar="I1,I2,...",
                        help="1-based decoder layers that are MoE (overrides --moe-freq for "
                             "the decoder)")
+    group.add_argument("--moe-layer-expert-counts", type=str, metavar="E1,E2,...",
+                       help="experts of each MoE layer, in module order (encoder layers "
+                            "first); written by scripts/prune_experts.py; default "
+                            "--moe-expert-count in every layer")
     group.add_argument("--moe-jitter-eps", type=float, metavar="EPS",
                        help="training only: multiply the router input by U(1-EPS, 1+EPS) "
                             "(Switch jitter; default 0)")
@@ -188,6 +193,7 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_capacity_rule="joint",
         moe_encoder_layers=None,
         moe_decoder_layers=None,
+        moe_layer_expert_counts=None,
         moe_output_dropout=True,
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
@@ -227,6 +233,7 @@ class MoEOptions:
     encoder_layers: Optional[List[int]] = None  # 1-based; None = every --moe-freq-th
     decoder_layers: Optional[List[int]] = None
     output_dropout: bool = True
+    layer_expert_counts: Optional[List[int]] = None  # per MoE layer; None = expert_count
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MoEOptions":
@@ -250,7 +257,19 @@ class MoEOptions:
             encoder_layers=parse_layer_list(args.moe_encoder_layers),
             decoder_layers=parse_layer_list(args.moe_decoder_layers),
             output_dropout=bool(args.moe_output_dropout),
+            layer_expert_counts=parse_expert_counts(getattr(args, "moe_layer_expert_counts", None)),
         )
+
+    def for_layer(self, ordinal: int, num_layers: int) -> "MoEOptions":
+        """The options of the ``ordinal``-th of ``num_layers`` MoE layers (module order,
+        encoder first): its own expert count under ``--moe-layer-expert-counts``."""
+        counts = self.layer_expert_counts
+        if counts is None:
+            return self
+        if len(counts) != num_layers:
+            raise MoEConfigError(f"--moe-layer-expert-counts gives {len(counts)} counts, the "
+                                 f"model has {num_layers} MoE layers")
+        return dataclasses.replace(self, expert_count=counts[ordinal])
 
     def moe_layer_indices(self, num_layers: int, placement: Optional[List[int]] = None) -> List[int]:
         """0-based indices of the MoE layers in a stack of ``num_layers``: the 1-based
@@ -258,6 +277,17 @@ class MoEOptions:
         if placement is not None:
             return sorted(i - 1 for i in placement)
         return [i for i in range(num_layers) if (i + 1) % self.freq == 0]
+
+
+def parse_expert_counts(spec) -> Optional[List[int]]:
+    """``"4,2,4,3"`` -> ``[4, 2, 4, 3]``; None stays None."""
+    if spec is None:
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise MoEConfigError(f"--moe-layer-expert-counts must be comma-separated integers >= 1, "
+                             f"got {spec!r}")
+    return [int(p) for p in parts]
 
 
 def parse_layer_list(spec) -> Optional[List[int]]:
@@ -342,6 +372,16 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(f"--moe-attentive-dim must be a positive integer, got {r}")
     validate_moec_args(args)
     validate_smoe_args(args)
+    counts = parse_expert_counts(getattr(args, "moe_layer_expert_counts", None))
+    if counts is not None:
+        if min(counts) < args.moe_top_k:
+            raise MoEConfigError(f"--moe-layer-expert-counts {args.moe_layer_expert_counts}: every "
+                                 f"layer needs at least --moe-top-k {args.moe_top_k} experts")
+        if args.moe_router == "stratified" or (args.moe_router == "cosine"
+                                               and (args.moec_clusters or 1) > 1):
+            raise MoEConfigError("--moe-layer-expert-counts works with the linear, attentive and "
+                                 "one-cluster cosine routers (SMoE's strata and MoEC's clusters "
+                                 "are set for all layers at once)")
     freq = args.moe_freq
     enc = getattr(args, "encoder_layers", 0) or 0
     dec = getattr(args, "decoder_layers", 0) or 0

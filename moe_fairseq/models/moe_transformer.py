@@ -42,21 +42,24 @@ class MoETransformerModel(TransformerModel):
         options = MoEOptions.from_args(args)
         _, _, world = expert_parallel_group()
         if world > 1:
-            validate_expert_parallel(args, options.expert_count, world)
+            for count in sorted(set(options.layer_expert_counts or [options.expert_count])):
+                validate_expert_parallel(args, count, world)
         model = super().build_model(args, task)
         cfg = TransformerConfig.from_namespace(args)
         enc_idx = options.moe_layer_indices(len(model.encoder.layers), options.encoder_layers)
         dec_idx = options.moe_layer_indices(len(model.decoder.layers), options.decoder_layers)
-        for i in enc_idx:
-            model.encoder.layers[i] = MoETransformerEncoderLayer(cfg, options)
-        for i in dec_idx:
+        n = len(enc_idx) + len(dec_idx)
+        for ordinal, i in enumerate(enc_idx):
+            model.encoder.layers[i] = MoETransformerEncoderLayer(cfg, options.for_layer(ordinal, n))
+        for ordinal, i in enumerate(dec_idx, start=len(enc_idx)):
             model.decoder.layers[i] = MoETransformerDecoderLayer(
-                cfg, options, no_encoder_attn=cfg.no_cross_attention
+                cfg, options.for_layer(ordinal, n), no_encoder_attn=cfg.no_cross_attention
             )
         ignore_experts_in_torch_ddp(model)
         logger.info(
             f"MoE layers: encoder {[i + 1 for i in enc_idx]}, decoder "
-            f"{[i + 1 for i in dec_idx]} (1-based), {options.expert_count} experts, "
+            f"{[i + 1 for i in dec_idx]} (1-based), "
+            f"{args.moe_layer_expert_counts or options.expert_count} experts, "
             f"top-{options.top_k}, router {options.router}"
             + (f", experts sharded over {world} ranks" if world > 1 else "")
         )
