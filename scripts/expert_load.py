@@ -104,43 +104,31 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device, by
 
 
 def describe(counts):
-    t = torch.tensor(counts, dtype=torch.float64)
-    total = t.sum().item()
-    share = (t / total).tolist() if total > 0 else [0.0] * len(counts)
-    mean = t.mean().item()
-    cv = (t.std(unbiased=False) / mean).item() if mean > 0 else 0.0
-    starved = int((t < 0.1 * mean).sum().item()) if mean > 0 else len(counts)
-    return share, cv, starved
+    """``(share per expert, CV, number of starved experts)`` of a layer's load (the
+    routing report's definitions, analysis/routing_counts.py)."""
+    from moe_fairseq.analysis.routing_counts import describe_load
+
+    d = describe_load(torch.tensor(counts))
+    return d["load_share"], d["load_cv"], len(d["starved"])
 
 
 def describe_language_mi(by_language):
     """``layer -> {mi_bits, h_language_bits, mi_share, h_expert_bits,
-    dispatch_entropy_nats, expert_entropy_bits_by_language, counts}`` from the joint
-    counts of :func:`collect_expert_load`; empty without languages. The dispatch
-    entropy is the cluster study's (Chen et al.) with languages as the clusters."""
-    from moe_fairseq.analysis.specialization import (
-        conditional_entropies_bits,
-        dispatch_entropy_nats,
-        marginal_entropies_bits,
-        mutual_information_bits,
-    )
+    dispatch_entropy_nats, expert_entropy_bits_by_language, counts, ...}`` from the joint
+    counts of :func:`collect_expert_load`; empty without languages. The language
+    summary is the routing report's (analysis/routing_counts.py); the dispatch entropy
+    is the cluster study's (Chen et al.) with languages as the clusters."""
+    from moe_fairseq.analysis.routing_counts import language_summary
+    from moe_fairseq.analysis.specialization import dispatch_entropy_nats
 
     names = by_language.get("languages", [])
     out = {}
     for name, counts in by_language.items():
         if name == "languages" or int(counts.sum()) == 0:
             continue
-        mi = mutual_information_bits(counts)
-        h_expert, h_lang = marginal_entropies_bits(counts)
-        present = counts.sum(0) > 0
-        per_lang = conditional_entropies_bits(counts)
-        out[name] = dict(mi_bits=mi, h_language_bits=h_lang,
-                         mi_share=mi / h_lang if h_lang > 0 else 0.0,
-                         h_expert_bits=h_expert, dispatch_entropy_nats=dispatch_entropy_nats(counts),
-                         expert_entropy_bits_by_language={
-                             (names[i] if i < len(names) else str(i)): float(per_lang[i])
-                             for i in range(counts.size(1)) if present[i]},
-                         counts=counts.tolist())
+        labels = [names[i] if i < len(names) else str(i) for i in range(counts.size(1))]
+        out[name] = dict(language_summary(counts, labels),
+                         dispatch_entropy_nats=dispatch_entropy_nats(counts))
     return out
 
 
@@ -150,17 +138,15 @@ def main(argv=None):
         import logging
 
         logging.disable(logging.INFO)
-    from fairseq import checkpoint_utils, utils
+    from fairseq import utils
 
     user_dir = args.user_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_fairseq")
     utils.import_user_module(argparse.Namespace(user_dir=user_dir))
-    overrides = {"data": args.data} if args.data else {}
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides)
+    from moe_fairseq.analysis.route_split import load_model
+
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    for m in models:
-        m.eval()
-        if device == "cuda":
-            m.cuda()
+    loaded = load_model(args.path, args.data, device)
+    models, task = [loaded.model], loaded.task
     by_language = {}
     result, capacity = collect_expert_load(models, task, args.split, args.max_tokens,
                                            args.max_batches, device, by_language)
