@@ -11,7 +11,7 @@ Flags are spelled as in fairseq's scripts/average_checkpoints.py, which cannot r
 checkpoints on torch >= 2.6. Floating-point weights are averaged (in float64); integer and
 boolean buffers and all other fields come from the newest checkpoint (most updates), the
 optimizer state is left out; missing folders of --output are created; see
-``moe_fairseq/checkpoint_averaging.py``. Decode the output with fairseq-generate --path.
+``moe_fairseq/conversion/averaging.py``. Decode the output with fairseq-generate --path.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moe_fairseq  # noqa: E402,F401  (the checkpoint allowlist, one-line errors)
-from moe_fairseq.checkpoint_averaging import (  # noqa: E402
+from moe_fairseq.conversion.averaging import (  # noqa: E402
     AveragingError,
     average_checkpoints,
     check_output,

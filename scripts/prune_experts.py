@@ -48,7 +48,7 @@ def parse_args(argv=None):
         p.error(f"--keep-mass must be in (0, 1], got {args.keep_mass}")
     if not os.path.isfile(args.checkpoint):
         p.error(f"MOE_CKPT {args.checkpoint}: no such file")
-    from moe_fairseq.checkpoint_averaging import check_output
+    from moe_fairseq.conversion.averaging import check_output
 
     check_output(args.out)
     args.directions = args.lang_pairs.split(",") if args.lang_pairs else None
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
 
     from moe_fairseq.analysis.route_split import RouteSplitError, load_model, route_split
-    from moe_fairseq.checkpoint_averaging import save_atomically
+    from moe_fairseq.conversion.averaging import save_atomically
     from moe_fairseq.conversion.pruning import (
         PruningError,
         check_prunable,

@@ -76,7 +76,7 @@ def parse_args(argv=None):
         p.error(f"--noise must be in [0, 1), got {args.noise}")
     if not os.path.isfile(args.dense):
         p.error(f"DENSE_CKPT {args.dense}: no such file")
-    from moe_fairseq.checkpoint_averaging import check_output
+    from moe_fairseq.conversion.averaging import check_output
 
     check_output(args.out)
     args.model_argv = rest
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from fairseq.models import ARCH_CONFIG_REGISTRY
     from omegaconf import DictConfig, OmegaConf
 
-    from moe_fairseq.checkpoint_averaging import save_atomically
+    from moe_fairseq.conversion.averaging import save_atomically
     from moe_fairseq.conversion.upcycling import (
         UpcyclingError,
         describe_rules,

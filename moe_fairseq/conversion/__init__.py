@@ -1,2 +1,2 @@
-"""Checkpoint conversions: dense -> MoE (sparse upcycling) and MoE -> smaller MoE
-(expert pruning for deployment)."""
+"""Checkpoint conversions: dense -> MoE (sparse upcycling), MoE -> smaller MoE (expert
+pruning for deployment), several checkpoints -> their weight average."""

@@ -29,8 +29,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .atomic_files import output_path_problem, write_atomically
-from .errors import OneLineError
+from ..atomic_files import output_path_problem, write_atomically
+from ..errors import OneLineError
 
 
 class AveragingError(OneLineError):
@@ -38,7 +38,7 @@ class AveragingError(OneLineError):
 
 
 def _load(path: str) -> dict:
-    from .fairseq_fixes.checkpoint_compat import describe_load_error
+    from ..fairseq_fixes.checkpoint_compat import describe_load_error
 
     if os.path.isdir(path):
         raise AveragingError(f"--inputs {path} is a folder: add --num-epoch-checkpoints N or "
@@ -151,7 +151,7 @@ def check_output(path: str) -> None:
 def save_atomically(state: dict, path: str) -> None:
     """Temp file in the same folder, fsync, rename: a kill leaves the old file or the
     new one, never half of one (the plugin's own checkpoint saves do the same)."""
-    from .fairseq_fixes.checkpoint_compat import plain_types
+    from ..fairseq_fixes.checkpoint_compat import plain_types
 
     check_output(path)
     state = plain_types(state)  # readable by any torch, as the plugin's own saves
