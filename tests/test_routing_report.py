@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cli, subprocess_env, train_args, USER_DIR
+from conftest import REPO_ROOT, USER_DIR, run_cli, subprocess_env
 
 MULTI_TASK_ARGS = [
     "--task", "translation_multi_simple_epoch",
