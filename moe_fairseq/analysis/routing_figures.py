@@ -122,18 +122,28 @@ def expert_load(models: Models, out_dir: str) -> str:
     return _save(fig, out_dir, "expert_load.png")
 
 
-def _grouped_bars(ax, names: List[str], models: Models, value, ylabel: str):
-    width = 0.8 / len(models)
+def _bars(ax, names: List[str], series) -> None:
+    """Grouped bars: one group per x label in ``names``, one bar per ``(label, values)``
+    of ``series`` (values aligned with ``names``; NaN = no bar)."""
     x = np.arange(len(names))
-    for i, (label, summary) in enumerate(models):
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label,
+               color=f"C{i % 10}")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+
+
+def _grouped_bars(ax, names: List[str], models: Models, value, ylabel: str):
+    """One bar per model and MoE layer: ``value(layer summary)`` (None = no bar)."""
+    series = []
+    for label, summary in models:
         values = []
         for name in names:
             layer = _layer(summary, name)
             v = value(layer) if layer is not None else None
             values.append(np.nan if v is None else v)
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, values, width, label=label,
-               color=f"C{i}")
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        series.append((label, values))
+    _bars(ax, names, series)
     ax.set_ylabel(ylabel)
 
 
@@ -180,29 +190,19 @@ def smoe_strata(models: Models, out_dir: str) -> Optional[str]:
     for r, (label, summary) in enumerate(rows):
         layers = [l for l in summary["layers"] if l.get("strata")]
         names = [l["name"] for l in layers]
-        x = np.arange(len(layers))
         ax = axes[r][0]
         strata = max(len(l["strata"]["sizes"]) for l in layers)
-        width = 0.8 / strata
-        for i in range(strata):
-            values = [l["strata"]["share_reaching"][i] if i < len(l["strata"]["share_reaching"])
-                      else np.nan for l in layers]
-            ax.bar(x + (i - (strata - 1) / 2) * width, values, width, label=f"stratum {i}",
-                   color=f"C{i}")
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        _bars(ax, names, [(f"stratum {i}", [l["strata"]["share_reaching"][i]
+                                           if i < len(l["strata"]["share_reaching"]) else np.nan
+                                           for l in layers]) for i in range(strata)])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("share of tokens reaching")
         ax.set_title(f"{label}: tokens reaching each stratum", fontsize=10)
         ax.legend(fontsize=7)
         ax = axes[r][1]
         langs = list(layers[0]["strata"]["requested_capacity_by_target_language"])
-        width = 0.8 / max(len(langs), 1)
-        for i, lang in enumerate(langs):
-            values = [l["strata"]["requested_capacity_by_target_language"].get(lang, np.nan)
-                      for l in layers]
-            ax.bar(x + (i - (len(langs) - 1) / 2) * width, values, width, label=lang,
-                   color=f"C{i % 10}")
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        _bars(ax, names, [(lang, [l["strata"]["requested_capacity_by_target_language"].get(
+            lang, np.nan) for l in layers]) for lang in langs])
         ax.set_ylim(1.0, max(len(l["strata"]["sizes"]) for l in layers))
         ax.set_ylabel("expert passes per token")
         ax.set_title(f"{label}: requested capacity per target language", fontsize=10)
@@ -220,19 +220,13 @@ def moec_clusters(models: Models, out_dir: str) -> Optional[str]:
     for r, (label, summary) in enumerate(rows):
         layers = [l for l in summary["layers"] if l.get("clusters")]
         names = [l["name"] for l in layers]
-        x = np.arange(len(layers))
         G = max(l["clusters"]["count"] for l in layers)
-        width = 0.8 / G
         for ax, key, ylabel, title in (
                 (axes[r][0], "load_share", "share of assignments", "load per cluster"),
                 (axes[r][1], "within_cluster_cv", "CV of load inside the cluster",
                  "within-cluster spread")):
-            for g in range(G):
-                values = [l["clusters"][key][g] if g < l["clusters"]["count"] else np.nan
-                          for l in layers]
-                ax.bar(x + (g - (G - 1) / 2) * width, values, width, label=f"cluster {g}",
-                       color=f"C{g % 10}")
-            ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+            _bars(ax, names, [(f"cluster {g}", [l["clusters"][key][g] if g < l["clusters"]["count"]
+                                                else np.nan for l in layers]) for g in range(G)])
             ax.set_ylabel(ylabel)
             ax.set_title(f"{label}: {title}", fontsize=10)
             ax.legend(fontsize=7)
