@@ -63,3 +63,22 @@ def target_language_index(task, sample) -> Optional[Tuple[Tensor, List[str]]]:
         return torch.full((langs.size(0),), -1, dtype=torch.long, device=langs.device), names
     first = (langs >= 0).to(torch.int8).argmax(dim=1)  # first language token of each row
     return langs.gather(1, first[:, None]).squeeze(1), names
+
+
+def expert_language_counts(first_expert: Tensor, sentence_language: Tensor, num_experts: int,
+                           num_languages: int) -> Optional[Tensor]:
+    """``[E, L]`` int64 counts of (first-choice expert, sentence language) over the routed
+    tokens of a layer, on the device and without a host sync.
+
+    ``first_expert`` ``[T, B]`` (``MoEStats.first_expert`` of a fairseq transformer layer,
+    which sees ``[T, B, C]``; -1 = padding), ``sentence_language`` ``[B]`` (from
+    :func:`target_language_index`; -1 = unknown). None when ``first_expert`` is not laid
+    out that way."""
+    if first_expert is None or first_expert.dim() != 2 or first_expert.size(1) != sentence_language.numel():
+        return None
+    lang = sentence_language.to(first_expert.device)[None, :].expand_as(first_expert)
+    keep = (first_expert >= 0) & (lang >= 0)
+    counts = torch.zeros(num_experts * num_languages, dtype=torch.long, device=first_expert.device)
+    counts.scatter_add_(0, (first_expert.clamp_min(0) * num_languages + lang.clamp_min(0)).reshape(-1),
+                        keep.reshape(-1).long())
+    return counts.view(num_experts, num_languages)

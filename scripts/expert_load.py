@@ -59,10 +59,9 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device, by
     and ``"languages" -> names``, when the batches carry target-language tokens."""
     from fairseq import utils
 
-    from moe_fairseq.analysis.specialization import joint_counts
     from moe_fairseq.moe_layer import MoELayer
     from moe_fairseq.requested_capacity import capacity_counts, capacity_summary
-    from moe_fairseq.target_language import target_language_index
+    from moe_fairseq.target_language import expert_language_counts, target_language_index
 
     model = models[0]
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -92,14 +91,10 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device, by
             index, names = found
             by_language["languages"] = names
             for name, m in layers:
-                first = m.stats.first_expert
-                # fairseq's transformer layers see [T, B, C]: dim 1 is the sentence
-                if first is None or first.dim() != 2 or first.size(1) != index.numel():
-                    continue
-                lang = index.to(first.device)[None, :].expand_as(first)
-                keep = (first >= 0) & (lang >= 0)
-                c = joint_counts(first[keep], lang[keep], m.num_experts, len(names)).cpu()
-                by_language[name] = by_language[name] + c if name in by_language else c
+                c = expert_language_counts(m.stats.first_expert, index, m.num_experts, len(names))
+                if c is not None:
+                    c = c.cpu()
+                    by_language[name] = by_language[name] + c if name in by_language else c
     return [(name, m.expert_load_total.tolist()) for name, m in layers], capacity_summary(counts)
 
 

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..target_language import target_language_index
+from ..target_language import expert_language_counts, target_language_index
 from .specialization import mutual_information_bits
 
 LOAD_PREFIX = "moe_tb_load:"  # + layer name -> [E] assignments
@@ -48,15 +48,10 @@ def routing_logging_output(layers: Sequence[Tuple[str, object]], task, sample) -
             continue
         index, names = found
         E, L = m.num_experts, len(names)
-        joint = torch.zeros(E * L, dtype=torch.long, device=s.expert_load.device)
-        first = s.first_expert
-        # fairseq's transformer layers see [T, B, C]: dim 1 is the sentence
-        if first is not None and first.dim() == 2 and first.size(1) == index.numel():
-            lang = index.to(first.device)[None, :].expand_as(first)
-            keep = (first >= 0) & (lang >= 0)
-            joint.scatter_add_(0, (first.clamp_min(0) * L + lang.clamp_min(0)).reshape(-1),
-                               keep.reshape(-1).long())
-        out[LANG_PREFIX + name] = joint
+        joint = expert_language_counts(s.first_expert, index, E, L)
+        if joint is None:  # the key is still needed: every rank sums the same keys
+            joint = torch.zeros(E, L, dtype=torch.long, device=s.expert_load.device)
+        out[LANG_PREFIX + name] = joint.view(-1)
     return out
 
 
