@@ -162,6 +162,29 @@ def train_args(
     ]
 
 
+def first_test_batch(path, data, **overrides):
+    """Load checkpoint ``path`` (eval mode; ``overrides`` such as source_lang/target_lang
+    go to the task) and run the first batch of the test split: ``(model, decoder output
+    [B, T, V], mask [B, T] of the real target positions)``."""
+    import torch
+    from fairseq import checkpoint_utils, utils
+
+    import moe_fairseq  # noqa: F401
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(path)], arg_overrides={"data": str(data), **overrides})
+    model = models[0].eval()
+    task.load_dataset("test")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("test"), max_tokens=2000,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+    ).next_epoch_itr(shuffle=False)
+    sample = next(iter(itr))
+    with torch.no_grad():
+        out = model(**sample["net_input"])[0]
+    return model, out, sample["target"].ne(task.target_dictionary.pad())
+
+
 def moe_namespace(layers: int, router: str, **overrides):
     """Parsed-args stand-in: ``layers`` encoder and decoder layers, ``--moe-router
     router``, ``overrides`` set, then the MoE defaults (8 experts) fill the rest."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import N_TEST, REPO_ROOT, USER_DIR, run_cli, subprocess_env
+from conftest import N_TEST, REPO_ROOT, USER_DIR, first_test_batch, run_cli, subprocess_env
 
 MULTI_TASK_ARGS = [
     "--task", "translation_multi_simple_epoch",
@@ -45,22 +45,9 @@ def prune(*args):
 
 
 def _model_and_outputs(path, data, direction="a-c"):
-    from fairseq import checkpoint_utils, utils
-
-    import moe_fairseq  # noqa: F401
-
     src, tgt = direction.split("-")
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(path)], arg_overrides={"data": str(data), "source_lang": src, "target_lang": tgt})
-    model = models[0].eval()
-    task.load_dataset("test")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("test"), max_tokens=2000,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-    ).next_epoch_itr(shuffle=False)
-    sample = next(iter(itr))
-    with torch.no_grad():
-        return model, model(**sample["net_input"])[0]
+    model, out, _ = first_test_batch(path, data, source_lang=src, target_lang=tgt)
+    return model, out
 
 
 def test_choose_experts():

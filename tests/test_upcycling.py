@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, USER_DIR, log_records, run_cli, subprocess_env
+from conftest import REPO_ROOT, USER_DIR, first_test_batch, log_records, run_cli, subprocess_env
 
 TINY_DIMS = [
     "--encoder-layers", "2", "--decoder-layers", "2",
@@ -47,24 +47,10 @@ def upcycle(*args):
 
 
 def _decoder_outputs(path, data):
-    from fairseq import checkpoint_utils, utils
-
-    import moe_fairseq  # noqa: F401
-
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(path)], arg_overrides={"data": str(data)})
-    model = models[0].eval()
-    task.load_dataset("test")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("test"), max_tokens=2000,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-    ).next_epoch_itr(shuffle=False)
-    sample = next(iter(itr))
-    with torch.no_grad():
-        out = model(**sample["net_input"])[0]
+    model, out, real = first_test_batch(path, data)
     # the real target positions (an MoE layer gives padding 0, a dense FFN does not;
     # attention never reads them)
-    return out[sample["target"].ne(task.target_dictionary.pad())], model
+    return out[real], model
 
 
 ROUTERS = {
