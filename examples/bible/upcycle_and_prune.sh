@@ -23,24 +23,25 @@ moe_flags=(--arch moe_transformer --moe-expert-count 4 --moe-freq 2 --moe-top-k 
            --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0)
 train=(--max-update "$updates" --log-interval 100 --no-progress-bar)
 quiet() { grep -v -e tensorboardX -e Warning -e _canonical_mask -e "super().__init__" || true; }
+# finetune METHOD NAME INIT: train.sh METHOD tiny from INIT for UPDATES into OUT/NAME (kept if
+# already there), its log in OUT/NAME.log
+finetune() {
+  if [ ! -f "$out/$2/checkpoint_last.pt" ]; then
+    bash "$repo/examples/bible/train.sh" "$1" tiny "$data" "$out/$2" "${train[@]}" \
+      --finetune-from-model "$3" > "$out/$2.log" 2>&1 || { tail -20 "$out/$2.log"; exit 1; }
+  fi
+  grep -s "done training" "$out/$2.log" || true
+}
 mkdir -p "$out"
 
 echo "=== 1. dense: $updates more updates (--finetune-from-model: new optimizer and schedule)"
-if [ ! -f "$out/dense_cont/checkpoint_last.pt" ]; then
-  bash "$repo/examples/bible/train.sh" dense tiny "$data" "$out/dense_cont" "${train[@]}" \
-    --finetune-from-model "$dense" > "$out/dense_cont.log" 2>&1 || { tail -20 "$out/dense_cont.log"; exit 1; }
-fi
-grep -s "done training" "$out/dense_cont.log" || true
+finetune dense dense_cont "$dense"
 
 echo "=== 2. upcycle into an MoE model"
 "$PYTHON" "$repo/scripts/upcycle.py" "$dense" "${moe_flags[@]}" --out "$out/upcycled.pt" 2>&1 | quiet
 
 echo "=== 3. fine-tune the upcycled MoE model for $updates updates"
-if [ ! -f "$out/moe_up/checkpoint_last.pt" ]; then
-  bash "$repo/examples/bible/train.sh" moe tiny "$data" "$out/moe_up" "${train[@]}" \
-    --finetune-from-model "$out/upcycled.pt" > "$out/moe_up.log" 2>&1 || { tail -20 "$out/moe_up.log"; exit 1; }
-fi
-grep -s "done training" "$out/moe_up.log" || true
+finetune moe moe_up "$out/upcycled.pt"
 
 echo "=== 4. prune the fine-tuned MoE model to $keep experts per layer for $direction"
 "$PYTHON" "$repo/scripts/prune_experts.py" "$out/moe_up/checkpoint_last.pt" --data "$data/bin" \
