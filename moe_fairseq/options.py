@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .args_version import apply_args_version
 from .errors import OneLineError
 from .routers import ROUTERS
 from .routers.base import CAPACITY_RULES
@@ -19,6 +20,10 @@ from .routers.cosine import VAR_TYPES as MOEC_VAR_TYPES
 from .routers.cosine import kept_per_cluster
 from .routers.stratified import STRATUM_NORMS, parse_strata
 from .routers.top_k import EVAL_SECOND_EXPERT_POLICIES, SECOND_EXPERT_POLICIES
+
+
+# --moe-token-order: which tokens keep their expert capacity when it binds.
+TOKEN_ORDERS = ("batch-major", "seq-major")
 
 
 class MoEConfigError(OneLineError, ValueError):
@@ -31,7 +36,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                        help="experts per MoE layer (arch presets: tiny 4, base 8, big 16)")
     group.add_argument("--moe-freq", type=int, metavar="N",
                        help="every N-th FFN (1-based) of encoder and decoder is an MoE layer "
-                            "(default 2: layers 2, 4, 6, ...)")
+                            "(default 2: layers 2, 4, 6, ...; moec base/big presets 4: layer 4 "
+                            "of 6, the authors' 0-based --encoder-moe-layers 3)")
     group.add_argument("--moe-top-k", type=int, metavar="K",
                        help="experts per token: 1 (Switch) or 2 (GShard); default 2")
     group.add_argument("--moe-router", type=str, metavar="NAME",
@@ -70,10 +76,17 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                        help="apply the layer's --dropout to the MoE block's output before the "
                             "residual, as fairseq does for every FFN (default on; the MoEC "
                             "authors' layer does not: moec presets off)")
+    group.add_argument("--moe-token-order", type=str, metavar="ORDER",
+                       help=f"order in which tokens claim expert capacity, one of "
+                            f"{list(TOKEN_ORDERS)}: batch-major (default) = sentence by "
+                            "sentence, as fairseq's MoE branch and the SMoE/MoEC authors "
+                            "route x.transpose(0, 1): the first sentences of a batch keep "
+                            "their tokens when capacity binds; seq-major = position by "
+                            "position across the batch (fairseq's [T, B] layout; checkpoints "
+                            "written before MoE args version 3)")
     group.add_argument("--moe-encoder-layers", type=str, metavar="I1,I2,...",
                        help="1-based encoder layers that are MoE (overrides --moe-freq for "
-                            "the encoder), e.g. 4; moec base/big presets: 4, the authors' "
-                            "0-based --encoder-moe-layers 3")
+                            "the encoder), e.g. 4")
     group.add_argument("--moe-decoder-layers", type=str, metavar="I1,I2,...",
                        help="1-based decoder layers that are MoE (overrides --moe-freq for "
                             "the decoder)")
@@ -149,34 +162,10 @@ def set_defaults(args: argparse.Namespace, **values) -> None:
             setattr(args, name, value)
 
 
-def upgrade_old_args(args: argparse.Namespace) -> bool:
-    """Checkpoints written before the fidelity flags existed keep their behaviour.
-
-    A namespace that has MoE flags but lacks ``moe_capacity_rule`` comes from such
-    a checkpoint (a new command line always holds every flag, maybe as None).
-    Returns True when it upgraded one.
-    """
-    if getattr(args, "moe_expert_count", None) is None or hasattr(args, "moe_capacity_rule"):
-        return False
-    normalize = bool(getattr(args, "moe_normalize_gates", False))
-    args.moe_normalize_gates = normalize
-    args.moe_normalize_gate_prob_before_dropping = normalize
-    args.moe_capacity_rule = "joint"
-    args.moe_eval_second_expert_policy = "all"
-    args.moec_output_mixing = False
-    args.moec_expert_sublayers = 1
-    args.moe_encoder_layers = None
-    args.moe_decoder_layers = None
-    args.moe_output_dropout = True
-    if getattr(args, "smoe_strata", None) is not None:
-        old = getattr(args, "smoe_stratum_layernorm", True)
-        args.smoe_stratum_norm = "gate-input" if old in (None, True) else "none"
-    return True
-
-
 def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
-    """Fill MoE flags the user left unset (architectures call this)."""
-    upgrade_old_args(args)
+    """Fill MoE flags the user left unset (architectures call this): first by the
+    rules of the namespace's args version (see ``args_version.py``), then by today's."""
+    apply_args_version(args)
     top_k = args.moe_top_k if getattr(args, "moe_top_k", None) is not None else 2
     set_defaults(
         args,
@@ -195,6 +184,7 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_decoder_layers=None,
         moe_layer_expert_counts=None,
         moe_output_dropout=True,
+        moe_token_order="batch-major",
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
         moe_attentive_dim=16,
@@ -233,6 +223,7 @@ class MoEOptions:
     encoder_layers: Optional[List[int]] = None  # 1-based; None = every --moe-freq-th
     decoder_layers: Optional[List[int]] = None
     output_dropout: bool = True
+    token_order: str = "batch-major"
     layer_expert_counts: Optional[List[int]] = None  # per MoE layer; None = expert_count
 
     @classmethod
@@ -257,6 +248,7 @@ class MoEOptions:
             encoder_layers=parse_layer_list(args.moe_encoder_layers),
             decoder_layers=parse_layer_list(args.moe_decoder_layers),
             output_dropout=bool(args.moe_output_dropout),
+            token_order=args.moe_token_order,
             layer_expert_counts=parse_expert_counts(getattr(args, "moe_layer_expert_counts", None)),
         )
 
@@ -345,6 +337,10 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             f"--moe-capacity-rule must be one of {list(CAPACITY_RULES)}, "
             f"got {args.moe_capacity_rule!r}"
+        )
+    if args.moe_token_order not in TOKEN_ORDERS:
+        raise MoEConfigError(
+            f"--moe-token-order must be one of {list(TOKEN_ORDERS)}, got {args.moe_token_order!r}"
         )
     sub = args.moec_expert_sublayers
     if sub is None or sub < 1:

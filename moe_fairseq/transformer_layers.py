@@ -25,12 +25,26 @@ def _seq_major(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask.transpose(0, 1)
 
 
+def _stats_to_seq_major(stats) -> None:
+    """Per-position statistics of a layer that routed ``[batch, seq]`` -> ``[seq, batch]``."""
+    for name in ("token_passes", "first_expert", "first_probs"):
+        values = getattr(stats, name)
+        if values is not None:
+            setattr(stats, name, values.transpose(0, 1))
+
+
 class _MoEBlock:
     """The FFN half of a layer: (pre-norm) -> MoE -> dropout -> residual (-> post-norm).
 
-    ``moe_output_dropout`` (``--moe-output-dropout``) False leaves out the dropout."""
+    ``moe_output_dropout`` (``--moe-output-dropout``) False leaves out the dropout.
+    ``moe_token_order`` (``--moe-token-order``): ``batch-major`` hands the MoE layer
+    ``[batch, seq, d]`` tokens, as fairseq's MoE branch and the authors' codes do, so
+    that when capacity binds the first sentences of the batch keep their tokens;
+    ``seq-major`` routes fairseq's ``[seq, batch, d]`` as it is.
+    """
 
     moe_output_dropout: bool = True
+    moe_token_order: str = "batch-major"
 
     def _moe_block(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """x ``[seq, batch, d]``, padding_mask ``[batch, seq]`` -> ``[seq, batch, d]``.
@@ -42,8 +56,15 @@ class _MoEBlock:
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x = self.moe(x, _seq_major(padding_mask), residual=residual,
-                     dropout=self.dropout_module if self.moe_output_dropout else None)
+        dropout = self.dropout_module if self.moe_output_dropout else None
+        if self.moe_token_order == "batch-major":
+            # The transposes copy [seq, batch, d] once each way (none when seq is 1,
+            # i.e. at every incremental decoding step).
+            x = self.moe(x.transpose(0, 1), padding_mask, residual=residual.transpose(0, 1),
+                         dropout=dropout).transpose(0, 1).contiguous()
+            _stats_to_seq_major(self.moe.stats)
+        else:
+            x = self.moe(x, _seq_major(padding_mask), residual=residual, dropout=dropout)
         stats = self.moe.stats
         if stats.token_passes is not None:
             # Every routed token makes at least one pass and padding none.
@@ -82,6 +103,7 @@ class MoETransformerEncoderLayer(_MoEBlock, TransformerEncoderLayerBase):
             float(self.activation_dropout_module.p),
         )
         self.moe_output_dropout = moe_options.output_dropout
+        self.moe_token_order = moe_options.token_order
         self._drop_unused_final_norm()
 
     def forward(
@@ -129,6 +151,7 @@ class MoETransformerDecoderLayer(_MoEBlock, TransformerDecoderLayerBase):
             float(self.activation_dropout_module.p),
         )
         self.moe_output_dropout = moe_options.output_dropout
+        self.moe_token_order = moe_options.token_order
         self._drop_unused_final_norm()
 
     def forward(

@@ -344,9 +344,10 @@ def test_incremental_decoding_matches_full_forward(trained):
 
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
-    # Same experts per token: the full pass routes [tgt_len * bsz] tokens in
-    # sequence-major order, i.e. the per-step routings concatenated.
-    assert torch.equal(torch.cat(step_routes, dim=0), full_routes)
+    # Same experts per token: the full pass routes [bsz * tgt_len] tokens in
+    # batch-major order (--moe-token-order), each step's [bsz] routings are one column.
+    assert model.decoder.layers[1].moe_token_order == "batch-major"
+    assert torch.equal(torch.stack(step_routes, dim=1).reshape(-1, 2), full_routes)
     assert full_routes.shape == (tgt_len * bsz, 2)
     # The trained router is not trivially sending everything to one expert.
     assert full_routes[:, 0].unique().numel() > 1

@@ -21,9 +21,9 @@ from moe_fairseq.options import (
     MoEConfigError,
     MoEOptions,
     moe_defaults,
-    upgrade_old_args,
     validate_moe_args,
 )
+from moe_fairseq.args_version import ARGS_VERSION, stamp_checkpoint_args
 from moe_fairseq.routers.base import Router, Routing, capacity_for
 from moe_fairseq.routers.cosine import CosineRouter
 from moe_fairseq.routers.stratified import StratifiedRouter
@@ -411,10 +411,11 @@ def test_moec_preset_is_the_authors_model():
     assert args.moe_router == "cosine" and args.moe_top_k == 1
     assert args.moe_capacity_rule == "tokens" and args.moe_capacity_factor == 2.0
     assert args.moec_output_mixing and args.moec_expert_sublayers == 3
-    assert args.moe_encoder_layers == "4" and args.moe_decoder_layers == "4"
+    assert args.moe_freq == 4 and args.moe_encoder_layers is None  # layer 4 of 6
     assert args.moe_gate_loss_combine_method == "sum"
     options = MoEOptions.from_args(args)
     assert options.moe_layer_indices(6, options.encoder_layers) == [3]
+    assert options.moe_layer_indices(6, options.decoder_layers) == [3]
     # flags still win over the preset
     args = preset_args("moec_transformer_base", "--moe-gate-loss-combine-method", "average",
                        "--no-moec-output-mixing", "--moe-encoder-layers", "2,6")
@@ -451,21 +452,35 @@ def test_bad_combinations_name_the_flag(overrides, flag):
 
 
 def test_checkpoints_from_before_keep_their_behaviour():
-    """A namespace saved before these flags existed (no moe_capacity_rule) keeps the
-    old rules: raw top-2 gates (or before-drop normalisation), joint capacity,
-    SMoE's gate-input LayerNorm, no mixing, plain experts."""
+    """A checkpoint namespace saved before the fidelity flags existed (no
+    moe_capacity_rule, no version) is stamped version 1 when loaded and keeps the old
+    rules: raw top-2 gates (or before-drop normalisation), joint capacity, SMoE's
+    gate-input LayerNorm, no mixing, plain experts, seq-major capacity priority."""
     old = argparse.Namespace(moe_expert_count=4, moe_top_k=2, moe_normalize_gates=False,
                              smoe_strata="2,2", smoe_stratum_layernorm=True,
                              moe_router="stratified", encoder_layers=2, decoder_layers=2)
-    assert upgrade_old_args(old)
+    stamp_checkpoint_args(old)
+    assert old.moe_args_version == 1
     moe_defaults(old, 4)
     assert (old.moe_normalize_gates, old.moe_capacity_rule, old.smoe_stratum_norm,
-            old.moec_output_mixing, old.moec_expert_sublayers) == (
-        False, "joint", "gate-input", False, 1)
+            old.moec_output_mixing, old.moec_expert_sublayers, old.moe_token_order) == (
+        False, "joint", "gate-input", False, 1, "seq-major")
     old2 = argparse.Namespace(moe_expert_count=4, moe_top_k=2, moe_normalize_gates=True)
-    upgrade_old_args(old2)
+    stamp_checkpoint_args(old2)
+    moe_defaults(old2, 4)
     assert old2.moe_normalize_gate_prob_before_dropping
-    assert not upgrade_old_args(old)  # once upgraded, it is a current namespace
+    # Version 2 (fidelity flags recorded): only the capacity priority is older.
+    v2 = argparse.Namespace(moe_expert_count=4, moe_capacity_rule="per-slot")
+    stamp_checkpoint_args(v2)
+    moe_defaults(v2, 4)
+    assert (v2.moe_args_version, v2.moe_capacity_rule, v2.moe_token_order) == (
+        2, "per-slot", "seq-major")
+    # A namespace that records no version and is not a checkpoint's is a fresh
+    # command line: today's rules, whatever it names.
+    fresh = argparse.Namespace(moe_expert_count=4)
+    moe_defaults(fresh, 4)
+    assert (fresh.moe_args_version, fresh.moe_normalize_gates, fresh.moe_capacity_rule,
+            fresh.moe_token_order) == (ARGS_VERSION, True, "joint", "batch-major")
 
 
 # ---------------------------------------------------------------- the transformer block
@@ -516,3 +531,79 @@ def test_smoe_block_output_is_the_strata_stream(decoder):
                        "--smoe-strata", "2,2", decoder=decoder)
     assert post.final_layer_norm is None and post.moe.returns_block_output
     assert "final_layer_norm" not in dict(post.named_parameters())
+
+
+# ---------------------------------------------------------------- capacity priority
+
+
+ORDER_CASES = [
+    ("moe_transformer_tiny", ()),
+    ("moe_transformer_tiny", ("--moe-router", "attentive")),
+    ("moe_transformer_tiny", ("--moe-top-k", "1")),
+    ("moec_transformer_tiny", ()),
+    ("smoe_transformer_tiny", ()),
+]
+
+
+@pytest.mark.parametrize("layout", ["compact", "static"])
+@pytest.mark.parametrize("arch, extra", ORDER_CASES)
+def test_capacity_goes_to_the_first_sentences_of_the_batch(arch, extra, layout):
+    """fairseq's MoE branch and both authors' codes route ``x.transpose(0, 1)``: when
+    capacity binds, the batch's first sentences keep their tokens. The block (training,
+    binding capacity, padding) equals the layer fed its tokens sentence by sentence
+    (batch-major reference; the layer's own priority, row order, is held to
+    ``kept_slots`` above), and differs from fairseq's [T, B] order, which
+    ``--moe-token-order seq-major`` (older checkpoints) keeps."""
+    flags = ("--dropout", "0", "--moe-capacity-factor", "0.3", "--moe-second-expert-policy",
+             "all", *extra)
+    T, B = 7, 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, 64, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, 5:] = mask[3, 2:] = True  # padding: never routed, takes no capacity
+    outs = {}
+    for order in ("batch-major", "seq-major"):
+        block = build_block(arch, *flags, "--moe-token-order", order).train()
+        block.moe.dispatcher.layout = layout
+        assert block.moe_token_order == order
+        outs[order] = block._moe_block(x, mask)
+        moe = block.moe
+        normed = block.final_layer_norm(x) if block.normalize_before else x
+        # Reference: the non-padding tokens as one flat list, in the given order.
+        major = order == "batch-major"
+        keep = ~mask if major else ~mask.t()
+        rows = (normed.transpose(0, 1) if major else normed)[keep]
+        res = (x.transpose(0, 1) if major else x)[keep]
+        y = moe(rows, residual=res)
+        stats = moe.stats
+        want = torch.zeros(B, T, 64, dtype=torch.float64) if major else torch.zeros_like(x)
+        want[keep] = y
+        if major:
+            want = want.transpose(0, 1)
+        if not moe.returns_block_output:
+            want = block.residual_connection(want, x)
+            if not block.normalize_before:
+                want = block.final_layer_norm(want)
+        got = outs[order].clone()
+        got[mask.t()] = want[mask.t()] = 0  # padding rows: whatever the block adds to 0
+        torch.testing.assert_close(got, want, **EXACT)
+        assert int(stats.dropped) > 0  # capacity binds
+    # The two orders drop different tokens.
+    assert not torch.allclose(outs["batch-major"], outs["seq-major"])
+
+
+def test_per_position_statistics_stay_seq_major():
+    """Routing under batch-major order still reports per-position statistics in
+    fairseq's [T, B] layout (analysis tools and the per-language logging read them)."""
+    block = build_block("smoe_transformer_tiny", "--dropout", "0").eval()
+    block.moe.record_first_expert = True
+    T, B = 6, 3
+    x = torch.randn(T, B, 64, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[2, 4:] = True
+    block._moe_block(x, mask)
+    stats = block.moe.stats
+    assert stats.token_passes.shape == (T, B) and stats.first_expert.shape == (T, B)
+    assert torch.equal(stats.token_passes == 0, mask.t())
+    assert torch.equal(stats.first_expert == -1, mask.t())
+    assert torch.equal(stats.sentence_tokens, (~mask).sum(1))

@@ -35,6 +35,7 @@ import zipfile
 import numpy as np
 import torch
 
+from ..args_version import stamp_checkpoint_args
 from ..atomic_files import pid_alive, write_atomically
 from ..errors import CheckpointError
 
@@ -122,6 +123,14 @@ def _restore_cfg_namespaces(state) -> None:
                 cfg[key] = restore_namespaces(node)
     if isinstance(state.get("args"), dict) and state["args"].get(NAMESPACE_TAG):
         state["args"] = restore_namespaces(state["args"])
+
+
+def load_plain_state(path: str):
+    """A checkpoint's contents, weights-only through the allowlist; memory-mapped when
+    the file is a zip archive, so reading its config does not read its tensors."""
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    return torch.load(path, map_location="cpu", weights_only=True,
+                      mmap=zipfile.is_zipfile(path))
 
 
 def _is_intact_zip(path: str) -> bool:
@@ -230,6 +239,10 @@ def install() -> None:
                 raise
             raise CheckpointError(describe_load_error(local, exc)) from exc
         _restore_cfg_namespaces(state)
+        stamp_checkpoint_args(state.get("args"))
+        cfg = state.get("cfg")
+        if cfg is not None and "model" in cfg:
+            stamp_checkpoint_args(cfg["model"])
         return state
 
     def load_model_ensemble_and_task(filenames, *args, **kwargs):

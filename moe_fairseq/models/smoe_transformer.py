@@ -25,14 +25,18 @@ Ours, not the authors': the second expert at inference is the second best
 
 from fairseq.models import register_model_architecture
 
-from ..options import set_defaults, upgrade_old_args
+from ..args_version import apply_args_version
+from ..options import set_defaults
 from ..routers.stratified import parse_strata
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
 
 def _smoe_defaults(args, strata: str) -> None:
-    if not upgrade_old_args(args):
-        # Checkpoints from before this preset went pre-norm keep what they were.
+    if apply_args_version(args):
+        # Pre-norm, on a fresh command line (fairseq has no flag to turn it off; an
+        # upcycled dense model's post-norm is replaced, as upcycle.py reports). A
+        # checkpoint, or the one a run resumes, keeps the placement it records
+        # (post-norm before MoE args version 2, or when an MoE flag was named under 2).
         args.encoder_normalize_before = True
         args.decoder_normalize_before = True
     set_defaults(
