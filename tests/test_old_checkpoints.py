@@ -187,3 +187,18 @@ def test_resume_keeps_the_recorded_settings(commit, method, old_data_bin, tmp_pa
     assert not problems, (
         f"{commit}/{method}: the resumed run's MoE settings differ from the checkpoint's:\n  "
         + "\n  ".join(problems))
+
+
+@pytest.mark.parametrize("commit, version", [("c8693dc", 1), ("f8eaf4f", 2)])
+def test_version_comes_from_the_file_not_from_overrides(commit, version):
+    """Checkpoints without moe_args_version are stamped from what they record; an
+    --model-overrides of moe_capacity_rule (applied by fairseq before we see the
+    namespace) does not make a version-1 checkpoint look like version 2."""
+    from fairseq import checkpoint_utils
+
+    import moe_fairseq  # noqa: F401
+
+    path = str(fixture(commit, "smoe", ".pt"))
+    for overrides in (None, {"moe_capacity_rule": "per-slot"}):
+        model_args = checkpoint_utils.load_checkpoint_to_cpu(path, overrides)["cfg"]["model"]
+        assert model_args.moe_args_version == version, overrides

@@ -87,7 +87,7 @@ def test_routing_collapse_is_a_warning(data_bin, tmp_path):
     """No balance loss and a high learning rate: the routers become sure of one
     expert for nearly every token. The run goes on, with one warning."""
     proc = run_cli("train", train_args(data_bin, tmp_path / "ck", "--moe-gate-loss-wt", "0",
-                                       "--lr", "3e-2", "--lr-scheduler", "fixed",
+                                       "--lr", "5e-2", "--lr-scheduler", "fixed",
                                        "--warmup-updates", "0", "--no-save", max_update=40,
                                        log_interval=5))
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines()
