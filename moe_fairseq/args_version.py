@@ -31,6 +31,8 @@ import logging
 import os
 from typing import Optional
 
+from .errors import OneLineError
+
 logger = logging.getLogger(__name__)
 
 ARGS_VERSION = 3
@@ -65,8 +67,6 @@ def apply_args_version(args: argparse.Namespace) -> bool:
         fresh = not adopt_resumed_rules(args)
     version = recorded_version(args) or ARGS_VERSION
     if version > ARGS_VERSION:
-        from .errors import OneLineError
-
         raise OneLineError(
             f"this model was written by a newer moe_fairseq (MoE args version {version}; this "
             f"one knows up to {ARGS_VERSION}): update the plugin to load it"
@@ -74,12 +74,13 @@ def apply_args_version(args: argparse.Namespace) -> bool:
     if version < 2:
         _fill_version_1(args)
     if version < 3:
-        _set_unset(args, moe_token_order="seq-major")
+        set_defaults(args, moe_token_order="seq-major")
     setattr(args, ARGS_VERSION_KEY, version)
     return fresh
 
 
-def _set_unset(args, **values) -> None:
+def set_defaults(args: argparse.Namespace, **values) -> None:
+    """Set each flag the user (or an older checkpoint) left unset (None or missing)."""
     for name, value in values.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -89,7 +90,7 @@ def _fill_version_1(args: argparse.Namespace) -> None:
     """The rules of the code before the fidelity flags, for the flags it did not have."""
     normalize = bool(getattr(args, "moe_normalize_gates", False))
     # Version 1's --moe-normalize-gates renormalized before capacity dropping.
-    _set_unset(
+    set_defaults(
         args,
         moe_normalize_gates=normalize,
         moe_normalize_gate_prob_before_dropping=normalize,
@@ -101,22 +102,24 @@ def _fill_version_1(args: argparse.Namespace) -> None:
     )
     if getattr(args, "smoe_strata", None) is not None:
         old = getattr(args, "smoe_stratum_layernorm", True)
-        _set_unset(args, smoe_stratum_norm="gate-input" if old in (None, True) else "none")
-    # Version 1 placed MoE layers by --moe-freq only: the presets' layer lists
-    # must not apply (they are set only when --moe-freq is unset, and version 1
-    # namespaces always record it).
+        set_defaults(args, smoe_stratum_norm="gate-input" if old in (None, True) else "none")
+    # Version 1 placed MoE layers by --moe-freq only, which its namespaces record, so
+    # the MoEC base/big preset's --moe-freq 4 does not apply to them.
 
 
-def stamp_checkpoint_args(args) -> None:
+def stamp_checkpoint_args(args, version: Optional[int] = None) -> None:
     """Record the version of a loaded checkpoint's model namespace that has none.
 
     A checkpoint records the namespace its architecture function filled, so every flag
     its code had is there: one without ``moe_capacity_rule`` was written before the
-    fidelity flags existed (version 1), one with it by version 2.
+    fidelity flags existed (version 1), one with it by version 2. ``version``: known
+    otherwise (read from the file before fairseq applied ``--model-overrides``).
     """
     if not is_moe_namespace(args) or recorded_version(args) is not None:
         return
-    setattr(args, ARGS_VERSION_KEY, 2 if hasattr(args, "moe_capacity_rule") else 1)
+    if version is None:
+        version = 2 if hasattr(args, "moe_capacity_rule") else 1
+    setattr(args, ARGS_VERSION_KEY, version)
 
 
 # ----------------------------------------------------------------- resuming training

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .args_version import apply_args_version
+from .args_version import apply_args_version, set_defaults
 from .errors import OneLineError
 from .routers import ROUTERS
 from .routers.base import CAPACITY_RULES
@@ -153,13 +153,6 @@ def add_smoe_args(parser: argparse.ArgumentParser) -> None:
                             "the block outputs LN(final stream); gate-input = LN only on what "
                             "strata i>=1 route, the stream stays raw; none = no LayerNorm "
                             "(--hmoe-layernorm 0)")
-
-
-def set_defaults(args: argparse.Namespace, **values) -> None:
-    """Set each flag the user (or an older checkpoint) left unset (None or missing)."""
-    for name, value in values.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
 
 
 def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:

@@ -35,13 +35,7 @@ import zipfile
 import numpy as np
 import torch
 
-from ..args_version import (
-    ARGS_VERSION_KEY,
-    is_moe_namespace,
-    read_model_args,
-    recorded_version,
-    stamp_checkpoint_args,
-)
+from ..args_version import read_model_args, recorded_version, stamp_checkpoint_args
 from ..atomic_files import pid_alive, write_atomically
 from ..errors import CheckpointError
 
@@ -251,11 +245,9 @@ def install() -> None:
         if local is not None and "moe_capacity_rule" in (arg_overrides or {}):
             version = recorded_version(read_model_args(local))
         cfg = state.get("cfg")
-        for args in (state.get("args"), cfg["model"] if cfg is not None and "model" in cfg
-                     else None):
-            if version is not None and recorded_version(args) is None and is_moe_namespace(args):
-                setattr(args, ARGS_VERSION_KEY, version)
-            stamp_checkpoint_args(args)
+        stamp_checkpoint_args(state.get("args"), version)
+        if cfg is not None and "model" in cfg:
+            stamp_checkpoint_args(cfg["model"], version)
         return state
 
     def load_model_ensemble_and_task(filenames, *args, **kwargs):

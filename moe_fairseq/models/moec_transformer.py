@@ -24,8 +24,7 @@ preset's others (``tests/test_presets_on_command_line.py``).
 
 from fairseq.models import register_model_architecture
 
-from ..args_version import apply_args_version
-from ..options import set_defaults
+from ..args_version import apply_args_version, set_defaults
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
 

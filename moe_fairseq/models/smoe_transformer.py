@@ -25,8 +25,7 @@ Ours, not the authors': the second expert at inference is the second best
 
 from fairseq.models import register_model_architecture
 
-from ..args_version import apply_args_version
-from ..options import set_defaults
+from ..args_version import apply_args_version, set_defaults
 from ..routers.stratified import parse_strata
 from .moe_transformer import moe_transformer_base, moe_transformer_big, moe_transformer_tiny
 
@@ -36,7 +35,7 @@ def _smoe_defaults(args, strata: str) -> None:
         # Pre-norm, on a fresh command line (fairseq has no flag to turn it off; an
         # upcycled dense model's post-norm is replaced, as upcycle.py reports). A
         # checkpoint, or the one a run resumes, keeps the placement it records
-        # (post-norm before MoE args version 2, or when an MoE flag was named under 2).
+        # (post-norm in version 1).
         args.encoder_normalize_before = True
         args.decoder_normalize_before = True
     set_defaults(
