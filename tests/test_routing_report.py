@@ -8,11 +8,15 @@
   numbers equal those computed directly: the layer's own running load counter, the
   first choices labelled by the language tokens in the batch (not by the direction the
   report routes), SMoE's requested capacity as the training criterion counts it;
+- in the figures (also with values at their maxima), no legend overlaps an axes box,
+  no bar or line reaches the top of its frame, and expert_load's legends name each
+  SMoE stratum and MoEC cluster in its bars' colour;
 - with --tensorboard-logdir, training writes an expert-load histogram per MoE layer and
   I(expert; target language) at every log interval, and 2 expert-parallel ranks write
   the same histograms as 1 process that sees the union of their batches.
 """
 
+import copy
 import json
 import math
 import subprocess
@@ -305,6 +309,158 @@ def test_one_direction_and_bad_input(models, tmp_path):
         proc = routing_report(*args)
         last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
         assert proc.returncode == 2 and says in last, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------ figure layout
+
+
+def _edge_models(models):
+    """The report's models with the values that used to end on the frame or sit under a
+    legend: SMoE's requested capacity at its maximum (2.0 with 2 strata), every token
+    reaching every stratum, I(E; lang) = H(lang), one expert taking all the load, gate
+    entropy = log2 E, and 14 target languages (a legend longer than one column)."""
+    edge = copy.deepcopy(models)
+    for _, s in edge:
+        for layer in s["layers"]:
+            t = layer["target_language"]
+            t["mi_bits"] = t["h_language_bits"]
+            layer["gate_entropy_bits"] = layer["max_entropy_bits"]
+            if layer.get("strata"):
+                st = layer["strata"]
+                st["share_reaching"] = [1.0] * len(st["sizes"])
+                st["requested_capacity_by_target_language"] = {
+                    f"l{i}": 1.0 + i / 13 for i in range(14)}  # l13: 2.0
+    first = edge[0][1]["layers"][0]
+    first["load_share"] = [1.0] + [0.0] * (first["num_experts"] - 1)
+    first["starved"] = list(range(1, first["num_experts"]))
+    return edge
+
+
+@pytest.fixture(scope="module")
+def figure_models(report):
+    _, doc, _ = report
+    real = [(m["label"], m) for m in doc["models"]]
+    return {"report": real, "edge": _edge_models(real)}
+
+
+def _built(figure_models, source, name):
+    """The figure ``name`` drawn (layout done) from the models of ``source``, and its renderer."""
+    from moe_fairseq.analysis import routing_figures
+
+    fig = dict(routing_figures.FIGURES)[name](figure_models[source])
+    fig.canvas.draw()
+    return fig, fig.canvas.get_renderer()
+
+
+def _plotted(ax):
+    """The bars, lines and line collections drawn in ``ax`` (not the legend's proxies)."""
+    return [*ax.patches, *ax.lines, *ax.collections]
+
+
+def _highest(ax):
+    from matplotlib.collections import LineCollection
+
+    ys = [p.get_y() + p.get_height() for p in ax.patches]
+    ys += [y for line in ax.lines for y in line.get_ydata()]
+    ys += [seg[:, 1].max() for c in ax.collections if isinstance(c, LineCollection)
+           for seg in c.get_segments()]
+    return max(y for y in map(float, ys) if math.isfinite(y))
+
+
+FIGURE_NAMES = ["heatmap_target_language.png", "heatmap_source_language.png",
+                "expert_load.png", "mutual_information.png", "entropies.png",
+                "smoe_strata.png", "moec_clusters.png"]
+LEGENDED = FIGURE_NAMES[2:]
+
+
+def test_figure_table_is_the_report_order(report):
+    from moe_fairseq.analysis import routing_figures
+
+    assert [name for name, _ in routing_figures.FIGURES] == FIGURE_NAMES == report[1]["figures"]
+
+
+@pytest.mark.parametrize("source", ["report", "edge"])
+@pytest.mark.parametrize("name", LEGENDED)
+def test_legends_cover_no_data(figure_models, source, name):
+    """Every legend lies outside every axes box, and what the axes draw is clipped to its
+    box: no legend can hide a bar or a line. The legends stay inside the figure (the
+    layout made room for them) and apart from each other."""
+    from matplotlib.transforms import Bbox
+
+    fig, renderer = _built(figure_models, source, name)
+    data_axes = [ax for ax in fig.axes if ax.axison]
+    legends = [ax.get_legend() for ax in data_axes if ax.get_legend() is not None]
+    assert len(legends) == len(data_axes), "a legend for every panel with data"
+    boxes = [legend.get_window_extent(renderer) for legend in legends]
+    for box in boxes:
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1), name
+        for ax in fig.axes:
+            assert not box.overlaps(ax.bbox), f"{name}: legend over {ax.get_title()!r}"
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"{name}: legends overlap"
+    for ax in data_axes:
+        artists = _plotted(ax)
+        assert artists
+        for artist in artists:
+            assert artist.get_clip_on(), (name, artist)
+            assert list(artist.get_clip_box().extents) == pytest.approx(list(ax.bbox.extents))
+            box = Bbox.intersection(artist.get_window_extent(renderer), ax.bbox)  # shown part
+            assert box is None or not any(box.overlaps(b) for b in boxes), (name, artist)
+
+
+@pytest.mark.parametrize("source", ["report", "edge"])
+@pytest.mark.parametrize("name", LEGENDED)
+def test_bars_end_below_the_frame(figure_models, source, name):
+    """The y axis goes at least 5% of its range above the highest bar or reference line
+    (the tallest bar, e.g. a requested capacity of 2.0 with 2 strata, never touches the
+    frame), and starts at or below the lowest bar top shown."""
+    fig, _ = _built(figure_models, source, name)
+    for ax in (ax for ax in fig.axes if ax.axison):
+        bottom, top = ax.get_ylim()
+        highest = _highest(ax)
+        assert top - highest >= 0.05 * (top - bottom), (name, ax.get_title(), highest, top)
+    if source == "edge" and name == "smoe_strata.png":
+        capacity = fig.axes[1]
+        assert _highest(capacity) == pytest.approx(2.0) and capacity.get_ylim()[1] > 2.05
+
+
+@pytest.mark.parametrize("source", ["report", "edge"])
+def test_expert_load_legend_names_strata_and_clusters(figure_models, source):
+    """expert_load.png: an SMoE panel's legend has one entry per stratum in the colour of
+    its experts' bars (a MoEC panel: per cluster); a plain MoE panel names no group."""
+    from matplotlib.colors import to_rgba
+
+    models = figure_models[source]
+    fig, _ = _built(figure_models, source, "expert_load.png")
+    axes = iter(fig.axes)
+    panels = {}
+    for name in [l["name"] for l in models[0][1]["layers"]]:  # rows: layers, columns: models
+        for label, s in models:
+            panels[label, name] = next(axes), next(l for l in s["layers"] if l["name"] == name)
+    for (label, _), (ax, layer) in panels.items():
+        legend = ax.get_legend()
+        texts = [t.get_text() for t in legend.get_texts()]
+        assert "fair share 1/E" in texts
+        assert ("starved (< 10% of 1/E)" in texts) == bool(layer["starved"])
+        groups = [(t, h) for t, h in zip(texts, legend.legend_handles)
+                  if t.startswith(("stratum", "cluster"))]
+        if label == "moe":
+            assert groups == []
+            continue
+        if label == "smoe":
+            kind, sizes = "stratum", layer["strata"]["sizes"]
+        else:
+            c = layer["clusters"]
+            kind, sizes = "cluster", [c["cluster_size"]] * c["count"]
+        assert [t.split(" (")[0] for t, _ in groups] == [f"{kind} {g}" for g in range(len(sizes))]
+        first = 0
+        for (_, handle), size in zip(groups, sizes):
+            for e in range(first, first + size):
+                if e not in layer["starved"]:  # starved bars are red
+                    assert to_rgba(ax.patches[e].get_facecolor()) == to_rgba(handle.get_facecolor())
+            first += size
+    smoe = [p for (label, _), p in panels.items() if label == "smoe"]
+    assert smoe and all(len(layer["strata"]["sizes"]) == 2 for _, layer in smoe)
 
 
 # ------------------------------------------------------------ TensorBoard

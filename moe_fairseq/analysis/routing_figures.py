@@ -1,44 +1,58 @@
 """Figures of the routing report, drawn from :meth:`RoutingCounts.summary` outputs.
 
-Every function takes ``models``, a list of ``(label, summary)`` (one or more models,
-drawn side by side in that order), and the output folder; it writes one PNG and
-returns its file name, or None when the figure does not apply (no SMoE or MoEC
-layer). matplotlib runs headless (Agg) with its default font.
+Every ``*_figure`` function takes ``models``, a list of ``(label, summary)`` (one or
+more models, drawn side by side in that order), and returns a matplotlib ``Figure``, or
+None when the figure does not apply (no SMoE or MoEC layer); :data:`FIGURES` pairs each
+with its PNG file name, :func:`save` writes one and :func:`draw_all` writes them all.
+
+Legends stand outside their axes, to the right (constrained layout makes room), so
+they cannot cover a bar or a line: those are clipped to the axes box. Bar charts' y
+axes go 10% of their range above the highest bar or reference line, so the tallest
+bar never ends on the frame. Figures are drawn by the Agg canvas without pyplot, with
+matplotlib's default font.
 """
 
+import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .routing_counts import merge_summaries  # noqa: E402
+from .routing_counts import merge_summaries
 
 Models = Sequence[Tuple[str, dict]]
 DPI = 100
 ANNOTATE_CELLS = 96  # write the percentage in heat map cells up to this many cells
+HEADROOM = 0.1  # of the y range, above the highest bar or line
+LEGEND_ROWS = 12  # entries per legend column (many languages: more columns, not a tower)
+LEGEND_WIDTH = 1.4  # inches added to a panel's width for its legend
 
 
 def _layer(summary: dict, name: str) -> Optional[dict]:
     return next((l for l in summary["layers"] if l["name"] == name), None)
 
 
-def _save(fig, out_dir: str, name: str) -> str:
+def save(fig: Figure, out_dir: str, name: str) -> str:
+    """Write ``fig`` as ``out_dir/name`` (PNG); ``name``."""
+    # tight: the saved image holds everything drawn, legends outside the axes included
     fig.savefig(os.path.join(out_dir, name), dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return name
 
 
-def _grid(rows: int, cols: int, width: float, height: float):
+def _grid(rows: int, cols: int, width: float, height: float, legend: bool = True):
     """``rows x cols`` panels of 4 x 2.8 to 12 x 8 inches (room for two-line titles; many
-    experts or languages do not make a poster)."""
+    experts or languages do not make a poster), each widened for a legend beside it."""
     width, height = min(max(width, 4.0), 12.0), min(max(height, 2.8), 8.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
-                             squeeze=False, layout="constrained")
-    return fig, axes
+    if legend:
+        width += LEGEND_WIDTH
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot: no global registry of figures to close
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _missing(ax, text="no MoE layer here"):
@@ -46,13 +60,51 @@ def _missing(ax, text="no MoE layer here"):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def language_heatmaps(models: Models, out_dir: str, side: str) -> str:
+def _legend(ax, handles=None):
+    """The legend of ``ax`` right of its frame, top-aligned with it."""
+    handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    return ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     borderaxespad=0.0, fontsize=7,
+                     ncol=max(1, math.ceil(len(handles) / LEGEND_ROWS)))
+
+
+def _highest(ax) -> float:
+    """The highest y (data units) of the bars, lines and line collections in ``ax``
+    (NaN = no bar, skipped); -inf when nothing is drawn."""
+    ys = []
+    for c in ax.containers:
+        if isinstance(c, BarContainer):
+            ys += [r.get_y() + r.get_height() for r in c]
+    for line in ax.lines:
+        ys += list(np.asarray(line.get_ydata(), dtype=float))
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            ys += [y for seg in coll.get_segments() for y in np.asarray(seg, dtype=float)[:, 1]]
+    ys = [y for y in ys if np.isfinite(y)]
+    return max(ys) if ys else -math.inf
+
+
+def _headroom(ax, bottom: float = 0.0, at_least: float = -math.inf) -> None:
+    """y from ``bottom`` to HEADROOM of the range above the highest thing drawn (or above
+    ``at_least``, for a scale shared by panels or fixed by the quantity's range)."""
+    top = max(_highest(ax), at_least)
+    if not top > bottom:  # nothing above the bottom (e.g. every I = 0): a unit range
+        top = bottom + 1.0
+    ax.set_ylim(bottom, bottom + (1.0 + HEADROOM) * (top - bottom))
+
+
+def _experts(first: int, size: int) -> str:
+    return f"e{first}" if size == 1 else f"e{first}-e{first + size - 1}"
+
+
+def language_heatmaps_figure(models: Models, side: str) -> Figure:
     """Per MoE layer (rows) and model (columns): the share of each ``side`` language's
     tokens whose first choice is each expert (rows of the map sum to 1)."""
     names = merge_summaries(dict(models))
     langs = max(len(s["layers"][0][f"{side}_language"]["languages"]) for _, s in models)
     experts = max(l["num_experts"] for _, s in models for l in s["layers"])
-    fig, axes = _grid(len(names), len(models), 1.5 + 0.45 * experts, 1.3 + 0.38 * langs)
+    fig, axes = _grid(len(names), len(models), 1.5 + 0.45 * experts, 1.3 + 0.38 * langs,
+                      legend=False)  # a colour bar, no legend
     image = None
     for r, name in enumerate(names):
         for c, (label, summary) in enumerate(models):
@@ -78,16 +130,18 @@ def language_heatmaps(models: Models, out_dir: str, side: str) -> str:
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6,
                      label=f"share of the {side} language's tokens (first choice)")
-    return _save(fig, out_dir, f"heatmap_{side}_language.png")
+    return fig
 
 
-def expert_load(models: Models, out_dir: str) -> str:
+def expert_load_figure(models: Models) -> Figure:
     """Per MoE layer and model: each expert's share of the token-expert assignments,
-    the fair share 1/E (dashed) and starved experts (< 10% of it, red, hatched)."""
+    coloured by SMoE stratum or MoEC cluster, the fair share 1/E (dashed) and starved
+    experts (< 10% of it, red, hatched); a legend per panel names them."""
     names = merge_summaries(dict(models))
     experts = max(l["num_experts"] for _, s in models for l in s["layers"])
     fig, axes = _grid(len(names), len(models), 1.5 + 0.35 * experts, 2.3)
-    top = 1.1 * max(max(l["load_share"]) for _, s in models for l in s["layers"])  # same y scale
+    # one y scale for every panel
+    top = max(max(max(l["load_share"]), l["fair_share"]) for _, s in models for l in s["layers"])
     for r, name in enumerate(names):
         for c, (label, summary) in enumerate(models):
             ax = axes[r][c]
@@ -97,18 +151,29 @@ def expert_load(models: Models, out_dir: str) -> str:
                 continue
             share = np.array(layer["load_share"])
             E = share.size
-            group = np.zeros(E, dtype=int)  # colour by stratum (SMoE) or cluster (MoEC)
             if layer.get("strata"):
-                group = np.repeat(np.arange(len(layer["strata"]["sizes"])), layer["strata"]["sizes"])
+                sizes = list(layer["strata"]["sizes"])
+                kind = "stratum"
             elif layer.get("clusters"):
-                group = np.arange(E) // layer["clusters"]["cluster_size"]
-            colours = [f"C{g % 10}" for g in group]
-            bars = ax.bar(range(E), share, color=colours)
+                sizes = [layer["clusters"]["cluster_size"]] * layer["clusters"]["count"]
+                kind = "cluster"
+            else:
+                sizes, kind = [E], None  # one colour, nothing to name
+            group = np.repeat(np.arange(len(sizes)), sizes)[:E]
+            bars = ax.bar(range(E), share, color=[f"C{g % 10}" for g in group])
             for e in layer["starved"]:
                 bars[e].set_color("red")
                 bars[e].set_hatch("//")
-            ax.axhline(layer["fair_share"], color="black", linestyle="--", linewidth=1,
-                       label="fair share 1/E")
+            fair = ax.axhline(layer["fair_share"], color="black", linestyle="--", linewidth=1,
+                              label="fair share 1/E")
+            handles = []
+            if kind:
+                starts = np.cumsum([0] + sizes[:-1])
+                handles += [Patch(color=f"C{g % 10}", label=f"{kind} {g} ({_experts(a, n)})")
+                            for g, (a, n) in enumerate(zip(starts, sizes))]
+            handles.append(fair)
+            if layer["starved"]:
+                handles.append(Patch(color="red", hatch="//", label="starved (< 10% of 1/E)"))
             ax.set_xticks(range(E))
             ax.set_xlabel("expert")
             ax.set_ylabel("share of assignments")
@@ -116,10 +181,9 @@ def expert_load(models: Models, out_dir: str) -> str:
             groups = (f", strata {'+'.join(map(str, layer['strata']['sizes']))}" if layer.get("strata")
                       else f", {layer['clusters']['count']} clusters" if layer.get("clusters") else "")
             ax.set_title(f"{label}: {name}\nCV {layer['load_cv']:.2f}{groups}{starved}", fontsize=9)
-            ax.set_ylim(0, top)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, out_dir, "expert_load.png")
+            _headroom(ax, at_least=top)
+            _legend(ax, handles)
+    return fig
 
 
 def _bars(ax, names: List[str], series) -> None:
@@ -147,7 +211,7 @@ def _grouped_bars(ax, names: List[str], models: Models, value, ylabel: str):
     ax.set_ylabel(ylabel)
 
 
-def mutual_information(models: Models, out_dir: str) -> str:
+def mutual_information_figure(models: Models) -> Figure:
     """I(expert; target language) and I(expert; source language) per MoE layer, bars per
     model, with H(language), the largest value it can take (dotted)."""
     names = merge_summaries(dict(models))
@@ -161,11 +225,12 @@ def mutual_information(models: Models, out_dir: str) -> str:
             ax.hlines(h, x - 0.45, x + 0.45, color="black", linestyle=":", linewidth=1.2,
                       label=f"H({side} language)" if x == 0 else None)
         ax.set_title(f"I(expert; {side} language), first choice", fontsize=10)
-        ax.legend(fontsize=7)
-    return _save(fig, out_dir, "mutual_information.png")
+        _headroom(ax)
+        _legend(ax)
+    return fig
 
 
-def entropies(models: Models, out_dir: str) -> str:
+def entropies_figure(models: Models) -> Figure:
     """Per MoE layer: mean per-token gate entropy H_s (0 = sure routing) and expert-usage
     entropy H_u (log2 E, dashed, = every expert used equally), bits."""
     names = merge_summaries(dict(models))
@@ -176,11 +241,12 @@ def entropies(models: Models, out_dir: str) -> str:
         top = max(l["max_entropy_bits"] for _, s in models for l in s["layers"])
         ax.axhline(top, color="black", linestyle="--", linewidth=1, label="log2 E")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-    return _save(fig, out_dir, "entropies.png")
+        _headroom(ax)
+        _legend(ax)
+    return fig
 
 
-def smoe_strata(models: Models, out_dir: str) -> Optional[str]:
+def smoe_strata_figure(models: Models) -> Optional[Figure]:
     """SMoE models (rows): share of tokens reaching each stratum per layer, and requested
     capacity (expert passes per token) per target language per layer."""
     rows = [(label, s) for label, s in models if any(l.get("strata") for l in s["layers"])]
@@ -195,22 +261,23 @@ def smoe_strata(models: Models, out_dir: str) -> Optional[str]:
         _bars(ax, names, [(f"stratum {i}", [l["strata"]["share_reaching"][i]
                                            if i < len(l["strata"]["share_reaching"]) else np.nan
                                            for l in layers]) for i in range(strata)])
-        ax.set_ylim(0, 1.05)
+        _headroom(ax, at_least=1.0)  # a share: the full range
         ax.set_ylabel("share of tokens reaching")
         ax.set_title(f"{label}: tokens reaching each stratum", fontsize=10)
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax = axes[r][1]
         langs = list(layers[0]["strata"]["requested_capacity_by_target_language"])
         _bars(ax, names, [(lang, [l["strata"]["requested_capacity_by_target_language"].get(
             lang, np.nan) for l in layers]) for lang in langs])
-        ax.set_ylim(1.0, max(len(l["strata"]["sizes"]) for l in layers))
+        # from one pass (every token) to one pass per stratum, the most it can be
+        _headroom(ax, bottom=1.0, at_least=strata)
         ax.set_ylabel("expert passes per token")
         ax.set_title(f"{label}: requested capacity per target language", fontsize=10)
-        ax.legend(fontsize=7, ncol=min(len(langs), 5))
-    return _save(fig, out_dir, "smoe_strata.png")
+        _legend(ax)
+    return fig
 
 
-def moec_clusters(models: Models, out_dir: str) -> Optional[str]:
+def moec_clusters_figure(models: Models) -> Optional[Figure]:
     """Clustered-router models (rows): load share of each cluster per layer, and the CV
     of the load inside each cluster (0 = its experts share it evenly)."""
     rows = [(label, s) for label, s in models if any(l.get("clusters") for l in s["layers"])]
@@ -229,18 +296,30 @@ def moec_clusters(models: Models, out_dir: str) -> Optional[str]:
                                                 else np.nan for l in layers]) for g in range(G)])
             ax.set_ylabel(ylabel)
             ax.set_title(f"{label}: {title}", fontsize=10)
-            ax.legend(fontsize=7)
-    return _save(fig, out_dir, "moec_clusters.png")
+            _headroom(ax)
+            _legend(ax)
+    return fig
+
+
+# (file name, figure builder), in report order
+FIGURES: List[Tuple[str, Callable[[Models], Optional[Figure]]]] = [
+    ("heatmap_target_language.png", lambda models: language_heatmaps_figure(models, "target")),
+    ("heatmap_source_language.png", lambda models: language_heatmaps_figure(models, "source")),
+    ("expert_load.png", expert_load_figure),
+    ("mutual_information.png", mutual_information_figure),
+    ("entropies.png", entropies_figure),
+    ("smoe_strata.png", smoe_strata_figure),
+    ("moec_clusters.png", moec_clusters_figure),
+]
 
 
 def draw_all(models: Models, out_dir: str) -> List[str]:
-    """Every figure that applies to ``models``; their file names, in report order."""
+    """Every figure that applies to ``models``, written into ``out_dir``; their file
+    names, in report order."""
     os.makedirs(out_dir, exist_ok=True)
-    names = [language_heatmaps(models, out_dir, "target"),
-             language_heatmaps(models, out_dir, "source"),
-             expert_load(models, out_dir),
-             mutual_information(models, out_dir),
-             entropies(models, out_dir),
-             smoe_strata(models, out_dir),
-             moec_clusters(models, out_dir)]
-    return [n for n in names if n]
+    written = []
+    for name, build in FIGURES:
+        fig = build(models)  # one at a time: each is freed once saved
+        if fig is not None:
+            written.append(save(fig, out_dir, name))
+    return written

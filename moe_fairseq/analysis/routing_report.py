@@ -24,7 +24,7 @@ CAPTIONS = {
     "expert_load.png":
         "Each expert's share of the token-expert assignments (all passes, before capacity "
         "dropping). Dashed: the fair share 1/E; red, hatched: starved experts (< 10% of the "
-        "fair share). Colours group SMoE strata or MoEC clusters.",
+        "fair share). Colours group SMoE strata or MoEC clusters (named in the panel's legend).",
     "mutual_information.png":
         "I(expert; language) in bits between a token's first-choice expert and its "
         "sentence's target (left) or source (right) language. 0 = routing ignores the "
