@@ -52,6 +52,9 @@ setup(
         "packaging",
         "sentencepiece",
         "tensorboard",
+        # only so that every fairseq tool stops logging "Please install tensorboardX"
+        # (fairseq's text_to_speech task, imported at start-up, asks for it)
+        "tensorboardX",
     ],
     extras_require={"test": ["pytest"]},
     cmdclass={"build_py": build_py_with_autoload},
