@@ -6,7 +6,12 @@ the leftovers of processes that are gone (``pid_alive``).
 """
 
 import os
-from typing import IO, Callable, Optional
+import re
+import signal
+import sys
+from typing import IO, Callable, List, Optional
+
+_TEMP_NAME = re.compile(r"(?P<target>.+)\.tmp-(?P<pid>\d+)")
 
 
 def temp_name(path: str) -> str:
@@ -21,6 +26,45 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+def remove_stale_temp_files(folder: str, is_target: Callable[[str], bool]) -> List[str]:
+    """Remove the temp files (``NAME.tmp-<pid>``) that writers killed before their
+    rename left in ``folder``, for the targets ``NAME`` that ``is_target`` accepts;
+    files of live processes (a writer still at work) are kept. Returns the removed
+    paths. Training saves and the checkpoint tools share this."""
+    removed = []
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    for name in sorted(names):
+        m = _TEMP_NAME.fullmatch(name)
+        if m is None or not is_target(m.group("target")):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            continue
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a scheduler's time limit) into ``SystemExit`` so the
+    ``finally`` of :func:`write_atomically` removes the temp file of a write in
+    progress; a kill -9 cannot be caught, and the next run removes what it left
+    (:func:`remove_stale_temp_files`)."""
+    def handler(signum, frame):
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def fsync_folder(path: str) -> None:
@@ -69,6 +113,13 @@ def output_path_problem(path: str, example_name: str) -> Optional[str]:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         return f"cannot create the folder {folder} ({exc.strerror})"
-    if not os.access(folder, os.W_OK):
-        return f"the folder {folder} is not writable"
+    # A file is really created: os.access says yes to root on folders that refuse
+    # writes (read-only mounts, sysfs), and the write would fail after the long work.
+    probe = os.path.join(folder, f".write-probe.tmp-{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as exc:
+        return f"the folder {folder} is not writable ({exc.strerror})"
+    os.remove(probe)
     return None

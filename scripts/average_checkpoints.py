@@ -10,7 +10,8 @@
 Flags are spelled as in fairseq's scripts/average_checkpoints.py, which cannot read
 checkpoints on torch >= 2.6. Floating-point weights are averaged (in float64); integer and
 boolean buffers and all other fields come from the newest checkpoint (most updates), the
-optimizer state is left out; missing folders of --output are created; see
+optimizer state is left out; missing folders of --output are created; --output is never
+one of the inputs and replaces a training checkpoint only with --force; see
 ``moe_fairseq/conversion/averaging.py``. Decode the output with fairseq-generate --path.
 """
 
@@ -21,13 +22,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moe_fairseq  # noqa: E402,F401  (the checkpoint allowlist, one-line errors)
+from moe_fairseq.atomic_files import exit_on_sigterm  # noqa: E402
 from moe_fairseq.conversion.averaging import (  # noqa: E402
     AveragingError,
     average_checkpoints,
     check_output,
     last_checkpoints,
-    save_atomically,
 )
+from moe_fairseq.conversion.checkpoint_output import save_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,6 +45,10 @@ def main(argv=None) -> int:
                        help="average the last N checkpoint_<epoch>_<update>.pt of the folder")
     p.add_argument("--checkpoint-upper-bound", type=int, metavar="K",
                    help="with --num-*-checkpoints: ignore checkpoints past epoch/update K")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output even if it is a training checkpoint "
+                        "(checkpoint_last.pt, checkpoint_best.pt, ... or a file with optimizer "
+                        "state); an input is never replaced")
     args = p.parse_args(argv)
     by_updates = args.num_update_checkpoints is not None
     n = args.num_update_checkpoints if by_updates else args.num_epoch_checkpoints
@@ -53,14 +59,15 @@ def main(argv=None) -> int:
         p.error(f"{flag} must be >= 1, got {n}")
     if n is None and args.checkpoint_upper_bound is not None:
         p.error("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints")
+    exit_on_sigterm()  # a killed run removes its temp file
     try:
-        check_output(args.output)  # before the (long) reading, not after it
         if n is not None:
             paths = last_checkpoints(args.inputs[0], n, by_updates, args.checkpoint_upper_bound)
         else:
             paths = args.inputs
+        check_output(args.output, paths, args.force)  # before the (long) reading
         state = average_checkpoints(paths)
-        save_atomically(state, args.output)
+        save_checkpoint(state, args.output)
     except AveragingError as exc:
         print(f"average_checkpoints.py: error: {exc}", file=sys.stderr)
         return 1

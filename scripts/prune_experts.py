@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=4000)
     p.add_argument("--max-sentences", type=int, default=0,
                    help="route about this many sentences per direction (0 = the whole split)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a training checkpoint (checkpoint_last.pt, "
+                        "... or a file with optimizer state); MOE_CKPT is never replaced")
     args = p.parse_args(argv)
     if args.keep is not None and args.keep < 1:
         p.error(f"--keep must be >= 1, got {args.keep}")
@@ -48,9 +51,11 @@ def parse_args(argv=None):
         p.error(f"--keep-mass must be in (0, 1], got {args.keep_mass}")
     if not os.path.isfile(args.checkpoint):
         p.error(f"MOE_CKPT {args.checkpoint}: no such file")
-    from moe_fairseq.conversion.averaging import check_output
+    from moe_fairseq.conversion.checkpoint_output import check_checkpoint_output
+    from moe_fairseq.conversion.pruning import check_prunable_checkpoint
 
-    check_output(args.out)
+    check_prunable_checkpoint(args.checkpoint)  # before any work: a dense model, MoEC clusters
+    check_checkpoint_output(args.out, [args.checkpoint], "--out", args.force, "pruned.pt")
     args.directions = args.lang_pairs.split(",") if args.lang_pairs else None
     return args
 
@@ -66,7 +71,8 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
 
     from moe_fairseq.analysis.route_split import RouteSplitError, load_model, route_split
-    from moe_fairseq.conversion.averaging import save_atomically
+    from moe_fairseq.atomic_files import exit_on_sigterm
+    from moe_fairseq.conversion.checkpoint_output import save_checkpoint
     from moe_fairseq.conversion.pruning import (
         PruningError,
         check_prunable,
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
         prune_model,
     )
 
+    exit_on_sigterm()  # a killed run removes its temp file
     loaded = load_model(args.checkpoint, args.data, "cpu")
     model = loaded.model
     check_prunable(model)
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
     extra["pruned_from"] = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split,
                             "directions": counts.directions,
                             "kept_experts": {k.removesuffix(".moe"): v for k, v in kept.items()}}
-    save_atomically({"cfg": cfg, "args": None, "model": model.state_dict(),
+    save_checkpoint({"cfg": cfg, "args": None, "model": model.state_dict(),
                      "optimizer_history": state["optimizer_history"], "extra_state": extra},
                     args.out)
 

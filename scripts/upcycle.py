@@ -7,8 +7,10 @@ checkpoint whose experts start as copies of the dense FFNs (arXiv 2212.05055).
     fairseq-train DATA ... --arch moe_transformer --moe-expert-count 8 --moe-freq 2 \
         --finetune-from-model checkpoints/moe_up/upcycled.pt --save-dir checkpoints/moe_up
 
-Any MoE flag (--moe-*, --moec-*, --smoe-*) may follow --arch; dimensions come from the
-dense model (an MoE preset such as smoe_transformer_tiny only adds its routing rules).
+Any MoE flag (--moe-*, --moec-*, --smoe-*) and dropout rate may follow --arch; dimensions
+come from the dense model (an MoE preset such as smoe_transformer_tiny only adds its
+routing rules), also when fine-tuning: fairseq-train --finetune-from-model takes every
+model setting the command line does not name from the upcycled checkpoint.
 In eval mode the written model translates exactly as the dense one for the linear
 router (normalised top-2 gates: any router; otherwise a zero router and rescaled
 copies), the cosine router without --moec-output-mixing and the stratified router with
@@ -66,6 +68,9 @@ def parse_args(argv=None):
                    help="multiply expert weights by 1 + NOISE * N(0,1) to break the copies' "
                         "symmetry (default 0: outputs equal the dense model's)")
     p.add_argument("--seed", type=int, default=1, help="seed of the router init and the noise")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a training checkpoint (checkpoint_last.pt, "
+                        "... or a file with optimizer state); DENSE_CKPT is never replaced")
     args, rest = p.parse_known_args(argv)
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
@@ -76,11 +81,57 @@ def parse_args(argv=None):
         p.error(f"--noise must be in [0, 1), got {args.noise}")
     if not os.path.isfile(args.dense):
         p.error(f"DENSE_CKPT {args.dense}: no such file")
-    from moe_fairseq.conversion.averaging import check_output
+    check_dense_checkpoint(args.dense, rest)  # before any work
+    from moe_fairseq.conversion.checkpoint_output import check_checkpoint_output
 
-    check_output(args.out)
+    check_checkpoint_output(args.out, [args.dense], "--out", args.force, "upcycled.pt")
     args.model_argv = rest
     return args
+
+
+def _is_training_only(dest: str) -> bool:
+    """Model flags that change training, not the weights or the eval-mode outputs."""
+    return "dropout" in dest or "layerdrop" in dest or dest.startswith("checkpoint_activations")
+
+
+def check_dense_checkpoint(path, model_argv):
+    """DENSE_CKPT is a readable dense transformer, and the model flags keep its shape."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    from moe_fairseq.args_version import is_moe_namespace, read_model_args
+    from moe_fairseq.conversion.upcycling import UpcyclingError
+    from moe_fairseq.errors import CheckpointError
+    from moe_fairseq.fairseq_fixes.checkpoint_compat import describe_load_error
+
+    try:
+        dense = read_model_args(path)
+    except Exception as exc:  # noqa: BLE001 - every cause becomes one line naming the file
+        raise CheckpointError(describe_load_error(path, exc)) from None
+    if dense is None:
+        raise UpcyclingError(f"DENSE_CKPT {path} records no model settings: give a checkpoint "
+                             "written by fairseq-train")
+    arch = getattr(dense, "arch", None) or getattr(dense, "_name", None)
+    if is_moe_namespace(dense):
+        raise UpcyclingError(f"DENSE_CKPT {path} is already an MoE model (--arch {arch})")
+    family = ARCH_MODEL_NAME_REGISTRY.get(arch)
+    if family != "transformer":
+        raise UpcyclingError(
+            f"DENSE_CKPT {path} is not a transformer (--arch {arch}, model {family}): upcycling "
+            "copies a transformer's FFN layers into experts; give a checkpoint of a fairseq "
+            "transformer (--arch transformer, transformer_iwslt_de_en, ...)")
+    parser = model_flag_parser()
+    given = parser.parse_args(model_argv)
+    for action in parser._actions:
+        if action.dest == "help" or action.dest.startswith(("moe_", "moec_", "smoe_")) \
+                or _is_training_only(action.dest):
+            continue
+        named = [opt for opt in action.option_strings for tok in model_argv
+                 if tok == opt or tok.startswith(opt + "=")]
+        if named and getattr(given, action.dest) != getattr(dense, action.dest, None):
+            raise UpcyclingError(
+                f"{named[0]} {getattr(given, action.dest)}: the MoE model takes its dimensions "
+                f"and layers from DENSE_CKPT ({action.dest} {getattr(dense, action.dest, None)}); "
+                "upcycle.py takes MoE flags (--moe-*, --moec-*, --smoe-*) and dropout rates")
 
 
 def main(argv=None) -> int:
@@ -93,7 +144,8 @@ def main(argv=None) -> int:
     from fairseq.models import ARCH_CONFIG_REGISTRY
     from omegaconf import DictConfig, OmegaConf
 
-    from moe_fairseq.conversion.averaging import save_atomically
+    from moe_fairseq.atomic_files import exit_on_sigterm
+    from moe_fairseq.conversion.checkpoint_output import save_checkpoint
     from moe_fairseq.conversion.upcycling import (
         UpcyclingError,
         describe_rules,
@@ -127,7 +179,8 @@ def main(argv=None) -> int:
 
     out_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     out_cfg["model"] = moe_args
-    save_atomically({
+    exit_on_sigterm()  # a killed run removes its temp file
+    save_checkpoint({
         "cfg": out_cfg,
         "args": None,
         "model": model.state_dict(),
@@ -156,9 +209,12 @@ def main(argv=None) -> int:
         print("outputs will differ from the dense model's: " + "; ".join(problems))
     else:
         print("in eval mode the MoE model's outputs equal the dense model's")
-    print(f"train on with: fairseq-train ... --arch {args.arch} {' '.join(args.model_argv)} "
-          f"--finetune-from-model {args.out} (the model is built from the command line: "
-          f"keep these MoE flags)")
+    task_cfg = cfg["task"]
+    data = getattr(task_cfg, "data", None) or "DATA"
+    print(f"train on with: fairseq-train {data} --task {getattr(task_cfg, '_name', '...')} ... "
+          f"--arch {args.arch} {' '.join(args.model_argv)} --finetune-from-model {args.out} "
+          f"--save-dir DIR (model settings the command line does not name, such as the "
+          f"dimensions, are taken from {args.out})".replace("  ", " "))
     return 0
 
 

@@ -18,19 +18,23 @@ buffers such as MoEC's ``kept_experts``. Here:
 - the optimizer state is left out, unlike fairseq (Adam's moments of the newest
   checkpoint do not belong to the averaged weights, and they triple the file): the
   output decodes; training continues from it with ``--finetune-from-model`` (new
-  schedule) or ``--restore-file`` (fairseq then resumes at the newest checkpoint's
-  update and epoch with fresh Adam moments);
-- the output is written atomically (temp file, fsync, rename).
+  schedule). fairseq would resume a checkpoint without optimizer state (as
+  ``checkpoint_last.pt`` or ``--restore-file``) at update 0 with a restarted
+  learning-rate schedule, so the plugin stops such a resume with one line
+  (``fairseq_fixes/checkpoint_fit.py``);
+- the output is written atomically (temp file, fsync, rename), never over an input or,
+  without ``--force``, over a training checkpoint (:mod:`.checkpoint_output`).
 """
 
+import math
 import os
 import re
 from typing import Dict, List, Sequence
 
 import torch
 
-from ..atomic_files import output_path_problem, write_atomically
 from ..errors import OneLineError
+from .checkpoint_output import CheckpointOutputError, check_checkpoint_output
 
 
 class AveragingError(OneLineError):
@@ -121,38 +125,66 @@ def _number(pattern: str, name: str):
     return int(m.group(1)) if m else None
 
 
+def _updates_of(path: str):
+    """The update count a checkpoint records (memory-mapped: its tensors are not read)."""
+    from ..fairseq_fixes.checkpoint_compat import load_plain_state
+
+    try:
+        return _num_updates(load_plain_state(path))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is averaged
+        return None
+
+
+def _update_checkpoints(folder: str, names: List[str]) -> List[tuple]:
+    """(update, name) of the checkpoints saved every --save-interval-updates.
+
+    fairseq writes ``checkpoint_<E>_<U>.pt`` every interval but not when the update
+    falls on the end of an epoch: that state is only in ``checkpoint<E>.pt``. The
+    interval is read off the update-named files (the gcd of their update numbers) and
+    an epoch checkpoint whose recorded update is a multiple of it fills the gap."""
+    found = {num: name for name in names
+             if (num := _number(r"checkpoint_\d+_(\d+)\.pt", name)) is not None}
+    if not found:
+        return []
+    interval = math.gcd(*found)
+    for name in names:
+        if _number(r"checkpoint(\d+)\.pt", name) is None:
+            continue
+        updates = _updates_of(os.path.join(folder, name))
+        if updates and updates % interval == 0 and updates not in found:
+            found[updates] = name
+    return sorted(found.items())
+
+
 def last_checkpoints(folder: str, n: int, by_updates: bool, upper_bound=None) -> List[str]:
-    """The ``n`` newest ``checkpoint<E>.pt`` (by epoch) or ``checkpoint_<E>_<U>.pt`` (by
-    update) in ``folder``, oldest first, none past ``upper_bound``."""
-    pattern = r"checkpoint_\d+_(\d+)\.pt" if by_updates else r"checkpoint(\d+)\.pt"
+    """The ``n`` newest ``checkpoint<E>.pt`` (by epoch) or update checkpoints (by
+    update: ``checkpoint_<E>_<U>.pt`` and the epoch checkpoints that stand in for the
+    ones fairseq skips at an epoch's end) in ``folder``, oldest first, none past
+    ``upper_bound``."""
     if not os.path.isdir(folder):
         raise AveragingError(f"--inputs {folder}: not a folder")
-    found = sorted((num, name) for name in os.listdir(folder)
-                   if (num := _number(pattern, name)) is not None
-                   and (upper_bound is None or num <= upper_bound))
+    names = os.listdir(folder)
+    if by_updates:
+        found = _update_checkpoints(folder, names)
+    else:
+        found = sorted((num, name) for name in names
+                       if (num := _number(r"checkpoint(\d+)\.pt", name)) is not None)
+    found = [(num, name) for num, name in found if upper_bound is None or num <= upper_bound]
     kind = "--num-update-checkpoints" if by_updates else "--num-epoch-checkpoints"
     if len(found) < n:
-        files = "checkpoint_<epoch>_<update>.pt" if by_updates else "checkpoint<epoch>.pt"
+        files = ("checkpoint_<epoch>_<update>.pt files (and epoch checkpoints at those "
+                 "intervals)" if by_updates else "checkpoint<epoch>.pt files")
         bound = "" if upper_bound is None else f" up to --checkpoint-upper-bound {upper_bound}"
         hint = ("fairseq-train writes them with --save-interval-updates" if by_updates
                 else "fairseq-train writes one per epoch unless --no-epoch-checkpoints")
-        raise AveragingError(f"{kind} {n}: {folder} has {len(found)} {files} files{bound}; {hint}")
+        raise AveragingError(f"{kind} {n}: {folder} has {len(found)} {files}{bound}; {hint}")
     return [os.path.join(folder, name) for _, name in found[-n:]]
 
 
-def check_output(path: str) -> None:
-    """Before any checkpoint is read: ``path`` can be written (missing folders are
-    created), so a long averaging does not end in a crash."""
-    problem = output_path_problem(path, "checkpoint_avg.pt")
-    if problem:
-        raise AveragingError(f"--output {path}: {problem}")
-
-
-def save_atomically(state: dict, path: str) -> None:
-    """Temp file in the same folder, fsync, rename: a kill leaves the old file or the
-    new one, never half of one (the plugin's own checkpoint saves do the same)."""
-    from ..fairseq_fixes.checkpoint_compat import plain_types
-
-    check_output(path)
-    state = plain_types(state)  # readable by any torch, as the plugin's own saves
-    write_atomically(path, lambda f: torch.save(state, f))
+def check_output(path: str, inputs: Sequence[str] = (), force: bool = False) -> None:
+    """Before any checkpoint is read: ``path`` can be written, is none of ``inputs``
+    and replaces no training checkpoint unless ``force`` (:mod:`.checkpoint_output`)."""
+    try:
+        check_checkpoint_output(path, inputs, "--output", force, "checkpoint_avg.pt")
+    except CheckpointOutputError as exc:
+        raise AveragingError(str(exc)) from None

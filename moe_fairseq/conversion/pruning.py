@@ -48,6 +48,27 @@ def choose_experts(load: Tensor, min_keep: int, keep: Optional[int] = None,
     return sorted(order[: max(n, min_keep)])
 
 
+def check_prunable_checkpoint(path: str) -> None:
+    """Before any work: ``path`` is a readable MoE checkpoint (its recorded settings,
+    read memory-mapped)."""
+    from ..args_version import is_moe_namespace, read_model_args
+    from ..errors import CheckpointError
+    from ..fairseq_fixes.checkpoint_compat import describe_load_error
+
+    try:
+        args = read_model_args(path)
+    except Exception as exc:  # noqa: BLE001 - every cause becomes one line naming the file
+        raise CheckpointError(describe_load_error(path, exc)) from None
+    if args is None:
+        raise PruningError(f"MOE_CKPT {path} records no model settings: give a checkpoint "
+                           "written by fairseq-train")
+    if not is_moe_namespace(args):
+        arch = getattr(args, "arch", None) or getattr(args, "_name", "?")
+        raise PruningError(f"MOE_CKPT {path} is a dense model (--arch {arch}): it has no experts "
+                           "to prune; give an MoE checkpoint (scripts/upcycle.py turns a dense "
+                           "one into an MoE model)")
+
+
 def check_prunable(model) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, MoELayer):
