@@ -15,7 +15,13 @@ from what the namespace *records*, never from which flags happen to be missing:
 - ``fairseq-train`` resuming a checkpoint (``checkpoint_last.pt`` or ``--restore-file``)
   takes the checkpoint's version and the MoE settings it records for every MoE flag the
   command line does not name (:func:`adopt_resumed_rules`): an upgrade of the plugin
-  never changes the model a run is training.
+  never changes the model a run is training;
+- ``fairseq-train --finetune-from-model`` of a checkpoint written by a conversion tool
+  (``upcycle.py``, ``prune_experts.py``, ``average_checkpoints.py``) takes, for every
+  model flag the command line does not name, the value the checkpoint records
+  (:func:`adopt_converted_model`): no training command line describes such a model
+  (an upcycled one has the dense model's widths, a pruned one per-layer expert
+  counts), so the checkpoint is the description; named flags still win.
 
 Versions:
 
@@ -64,7 +70,7 @@ def apply_args_version(args: argparse.Namespace) -> bool:
     """
     fresh = recorded_version(args) is None
     if fresh:
-        fresh = not adopt_resumed_rules(args)
+        fresh = not (adopt_resumed_rules(args) or adopt_converted_model(args))
     version = recorded_version(args) or ARGS_VERSION
     if version > ARGS_VERSION:
         raise OneLineError(
@@ -177,6 +183,12 @@ def adopt_resumed_rules(args: argparse.Namespace) -> bool:
         return False
     if recorded is None or not is_moe_namespace(recorded):
         return False
+    if getattr(recorded, "arch", None) not in (None, getattr(args, "arch", None)):
+        # Another model: its settings are not this one's. The load then says what
+        # differs (fairseq_fixes/checkpoint_fit.py), unless the shapes happen to fit.
+        logger.warning("resuming %s, a %s checkpoint, with --arch %s: the checkpoint's MoE "
+                       "settings are not taken", path, recorded.arch, args.arch)
+        return False
     taken = []
     for name, value in vars(recorded).items():
         if not (name.startswith(MOE_FLAG_PREFIXES) or name in PRESET_FAIRSEQ_FLAGS):
@@ -189,4 +201,65 @@ def adopt_resumed_rules(args: argparse.Namespace) -> bool:
     logger.info("resuming %s (MoE args version %d): MoE settings the command line does not "
                 "name are the checkpoint's: %s", path, recorded_version(recorded),
                 ", ".join(taken) or "none")
+    return True
+
+
+# extra_state keys the conversion tools write (scripts/upcycle.py, prune_experts.py,
+# average_checkpoints.py), and what to call the tool in messages.
+CONVERTED_BY = {"upcycled_from": "upcycle.py", "pruned_from": "prune_experts.py",
+                "averaged_checkpoints": "average_checkpoints.py"}
+
+
+def converted_by(state) -> Optional[str]:
+    """The conversion tool that wrote a checkpoint's ``state`` (None: fairseq-train)."""
+    extra = state.get("extra_state") if isinstance(state, dict) else None
+    for key, tool in CONVERTED_BY.items():
+        if isinstance(extra, dict) and key in extra:
+            return tool
+    return None
+
+
+def _model_flag_names(arch: str) -> set:
+    """The model's own flags (its ``add_args``), not the training flags the namespace
+    also holds."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    model_class = ARCH_MODEL_REGISTRY.get(arch)
+    if model_class is None or not hasattr(model_class, "add_args"):
+        return set()
+    parser = argparse.ArgumentParser(add_help=False)
+    model_class.add_args(parser)
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def adopt_converted_model(args: argparse.Namespace) -> bool:
+    """``fairseq-train --finetune-from-model CKPT`` (fairseq fine-tunes only when the
+    save dir has no checkpoint to resume) where CKPT was written by a conversion tool:
+    every model flag the command line does not name takes CKPT's value, so the model
+    built fits CKPT. Logs what it took. Returns whether it did."""
+    path = getattr(args, "finetune_from_model", None)
+    if not path or resume_checkpoint_path(args) is not None or "://" in path \
+            or not os.path.isfile(path):
+        return False
+    from .fairseq_fixes.checkpoint_compat import load_plain_state, restore_namespaces
+
+    try:
+        state = load_plain_state(path)
+    except Exception:  # noqa: BLE001 - fairseq's own load reports an unreadable file by name
+        return False
+    tool = converted_by(state)
+    model = (state.get("cfg") or {}).get("model") if tool else None
+    model = restore_namespaces(model) if isinstance(model, dict) else model
+    if not isinstance(model, argparse.Namespace):
+        return False
+    stamp_checkpoint_args(model)
+    taken = []
+    for name in sorted(_model_flag_names(args.arch) | {ARGS_VERSION_KEY}):
+        if name in vars(model) and getattr(args, name, None) is None:
+            value = getattr(model, name)
+            setattr(args, name, value)
+            if name != ARGS_VERSION_KEY and value is not None:
+                taken.append(f"{name}={value}")
+    logger.info("fine-tuning from %s, written by %s: model settings the command line does not "
+                "name are the checkpoint's: %s", path, tool, ", ".join(taken) or "none")
     return True

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from ..args_version import read_model_args, recorded_version, stamp_checkpoint_args
-from ..atomic_files import pid_alive, write_atomically
+from .. import atomic_files
+from . import checkpoint_fit
+from ..atomic_files import write_atomically
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -184,12 +186,10 @@ def _atomic_copy(src_path: str, dst_path: str) -> bool:
 def remove_stale_temp_files(save_dir: str) -> list:
     """Remove ``*.pt.tmp-<pid>`` files of processes that are gone (a killed save) and
     fairseq's own ``*.pt.tmp``; returns the removed paths."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(save_dir), "*.pt.tmp*")):
-        m = re.search(r"\.pt\.tmp(?:-(\d+))?$", path)
-        if m is None or (m.group(1) and (int(m.group(1)) == os.getpid()
-                                         or pid_alive(int(m.group(1))))):
-            continue
+    removed = atomic_files.remove_stale_temp_files(save_dir, lambda name: name.endswith(".pt"))
+    # fairseq's own temp name carries no pid: it is stale once no save is running,
+    # which is the case when a run starts.
+    for path in glob.glob(os.path.join(glob.escape(save_dir), "*.pt.tmp")):
         try:
             os.remove(path)
         except OSError:
@@ -256,18 +256,47 @@ def install() -> None:
             first = checkpoint_utils.get_maybe_sharded_checkpoint_filename(name, suffix, 0, shards)
             if not PathManager.path_requires_pathmanager(first) and not os.path.exists(first):
                 raise CheckpointError(f"checkpoint {first} does not exist (--path)")
-        return original_ensemble(filenames, *args, **kwargs)
+        try:
+            return original_ensemble(filenames, *args, **kwargs)
+        except Exception as exc:
+            text = checkpoint_fit.load_error_text(exc)
+            if text is None:
+                raise
+            overrides = kwargs.get("arg_overrides") or (args[0] if args else None) or {}
+            task = kwargs.get("task") or (args[1] if len(args) > 1 else None)
+            task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+            data = overrides.get("data") or getattr(task_cfg, "data", None)
+            path = filenames[0] if len(filenames) == 1 else ", ".join(filenames)
+            raise CheckpointError(checkpoint_fit.describe_misfit(path, text, data=data)) from None
 
     def load_checkpoint(cfg, trainer, **passthrough_args):
         remove_stale_temp_files(cfg.save_dir)
         restore = getattr(cfg, "restore_file", "checkpoint_last.pt")
-        if restore != "checkpoint_last.pt" and not PathManager.path_requires_pathmanager(restore):
-            suffix = getattr(cfg, "checkpoint_suffix", "") or ""
+        suffix = getattr(cfg, "checkpoint_suffix", "") or ""
+        path, resume = None, True
+        if restore == "checkpoint_last.pt":
+            path = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
+            if not os.path.exists(path) and getattr(cfg, "finetune_from_model", None):
+                path, resume = cfg.finetune_from_model, False  # fairseq fine-tunes
+        elif not PathManager.path_requires_pathmanager(restore):
             path = restore.replace(".pt", suffix + ".pt") if suffix else restore
             if not os.path.exists(path):
                 # fairseq would log "No existing checkpoint found" and start from scratch
                 raise CheckpointError(f"--restore-file {path} does not exist")
-        return original_load_checkpoint(cfg, trainer, **passthrough_args)
+        if resume and path is not None:
+            checkpoint_fit.check_resumable(path, bool(getattr(cfg, "reset_optimizer", False)))
+        try:
+            return original_load_checkpoint(cfg, trainer, **passthrough_args)
+        except Exception as exc:
+            text = checkpoint_fit.load_error_text(exc)
+            if text is None or path is None:
+                raise
+            ckpt_args, _ = checkpoint_fit.read_header(path)
+            run_args = getattr(getattr(trainer, "cfg", None), "model", None)
+            raise CheckpointError(checkpoint_fit.describe_misfit(
+                path, text, ckpt_args, run_args, data=getattr(getattr(trainer.cfg, "task", None),
+                                                              "data", None),
+                resume=resume)) from None
 
     copy._moe_fairseq_atomic = True
     PathManager.copy = staticmethod(copy)
