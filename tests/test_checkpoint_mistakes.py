@@ -274,6 +274,10 @@ def test_loading_with_another_vocabulary_is_one_line(moe_run, other_vocabulary, 
     proc = script("prune_experts.py", ckpt, "--data", other_vocabulary, "--keep", "2",
                   "--out", tmp_path / "pruned.pt")
     one_line_error(proc, *says)
+    for tool, args in (("routing_report.py", ["--path", ckpt, "--out", tmp_path / "r2"]),
+                       ("prune_experts.py", [ckpt, "--keep", "2", "--out", tmp_path / "p2.pt"])):
+        one_line_error(script(tool, *args, "--data", tmp_path / "missing"),
+                       f"--data {tmp_path / 'missing'}: no such folder")
     assert not (tmp_path / "pruned.pt").exists()
     assert not (tmp_path / "report").exists() or not any((tmp_path / "report").iterdir())
     assert checksums(ckpt) == before

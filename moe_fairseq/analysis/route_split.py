@@ -16,12 +16,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..errors import OneLineError
 from .routing_counts import LayerInfo, RoutingCounts
 
 logger = logging.getLogger(__name__)
 
 
-class RouteSplitError(ValueError):
+class RouteSplitError(OneLineError, ValueError):
     """Bad input for a routing pass: names the flag or file and what is allowed."""
 
 
@@ -38,10 +39,43 @@ class LoadedModel:
         return str(getattr(self.cfg.model, "arch", None) or getattr(self.cfg.model, "_name", "?"))
 
 
+def _recorded_languages(path: str) -> List[str]:
+    """The languages a checkpoint's task names (none if it lets fairseq infer them)."""
+    from ..fairseq_fixes.checkpoint_fit import read_header
+
+    _, state = read_header(path)
+    task = (state or {}).get("cfg", {}).get("task") if isinstance(state, dict) else None
+    get = (task.get if isinstance(task, dict) else lambda k, d=None: getattr(task, k, d))
+    pairs = get("lang_pairs", None)
+    if pairs:
+        pairs = pairs.split(",") if isinstance(pairs, str) else list(pairs)
+        return sorted({lang for pair in pairs for lang in pair.split("-")})
+    return [lang for lang in (get("source_lang", None), get("target_lang", None)) if lang]
+
+
+def check_data(path: str, data: str) -> None:
+    """Before loading: ``--data`` is a folder holding the dictionaries of the languages
+    the checkpoint was trained on (fairseq fails on it with a traceback otherwise)."""
+    import os
+
+    folder = str(data).split(os.pathsep)[0]
+    if not os.path.isdir(folder):
+        raise RouteSplitError(f"--data {data}: no such folder (give the data-bin the model "
+                              "was trained on)")
+    missing = [lang for lang in _recorded_languages(path)
+               if not os.path.isfile(os.path.join(folder, f"dict.{lang}.txt"))]
+    if missing:
+        raise RouteSplitError(
+            f"--data {data} has no dict.{missing[0]}.txt: {path} was trained on the languages "
+            f"{', '.join(_recorded_languages(path))}; give the data-bin it was trained on")
+
+
 def load_model(path: str, data: Optional[str] = None, device: str = "cpu") -> LoadedModel:
     """A checkpoint's model (eval mode, on ``device``), its config and task."""
     from fairseq import checkpoint_utils
 
+    if data:
+        check_data(path, data)
     overrides = {"data": data} if data else {}
     state = checkpoint_utils.load_checkpoint_to_cpu(path, overrides)
     history = state.get("optimizer_history") or [{}]
