@@ -98,18 +98,11 @@ def check_dense_checkpoint(path, model_argv):
     """DENSE_CKPT is a readable dense transformer, and the model flags keep its shape."""
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
-    from moe_fairseq.args_version import is_moe_namespace, read_model_args
+    from moe_fairseq.args_version import is_moe_namespace
     from moe_fairseq.conversion.upcycling import UpcyclingError
-    from moe_fairseq.errors import CheckpointError
-    from moe_fairseq.fairseq_fixes.checkpoint_compat import describe_load_error
+    from moe_fairseq.fairseq_fixes.checkpoint_fit import checkpoint_settings
 
-    try:
-        dense = read_model_args(path)
-    except Exception as exc:  # noqa: BLE001 - every cause becomes one line naming the file
-        raise CheckpointError(describe_load_error(path, exc)) from None
-    if dense is None:
-        raise UpcyclingError(f"DENSE_CKPT {path} records no model settings: give a checkpoint "
-                             "written by fairseq-train")
+    dense = checkpoint_settings(path, "DENSE_CKPT")
     arch = getattr(dense, "arch", None) or getattr(dense, "_name", None)
     if is_moe_namespace(dense):
         raise UpcyclingError(f"DENSE_CKPT {path} is already an MoE model (--arch {arch})")

@@ -27,15 +27,7 @@ import torch
 
 from conftest import (REPO_ROOT, USER_DIR, first_test_batch, log_records, run_cli,
                       subprocess_env, train_args)
-
-TINY_DIMS = [
-    "--encoder-layers", "2", "--decoder-layers", "2",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--share-all-embeddings",
-]
-
+from test_upcycling import TINY_DIMS
 
 def script(name, *args, timeout=300):
     return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / name), *map(str, args)],

@@ -51,17 +51,10 @@ def choose_experts(load: Tensor, min_keep: int, keep: Optional[int] = None,
 def check_prunable_checkpoint(path: str) -> None:
     """Before any work: ``path`` is a readable MoE checkpoint (its recorded settings,
     read memory-mapped)."""
-    from ..args_version import is_moe_namespace, read_model_args
-    from ..errors import CheckpointError
-    from ..fairseq_fixes.checkpoint_compat import describe_load_error
+    from ..args_version import is_moe_namespace
+    from ..fairseq_fixes.checkpoint_fit import checkpoint_settings
 
-    try:
-        args = read_model_args(path)
-    except Exception as exc:  # noqa: BLE001 - every cause becomes one line naming the file
-        raise CheckpointError(describe_load_error(path, exc)) from None
-    if args is None:
-        raise PruningError(f"MOE_CKPT {path} records no model settings: give a checkpoint "
-                           "written by fairseq-train")
+    args = checkpoint_settings(path, "MOE_CKPT")
     if not is_moe_namespace(args):
         arch = getattr(args, "arch", None) or getattr(args, "_name", "?")
         raise PruningError(f"MOE_CKPT {path} is a dense model (--arch {arch}): it has no experts "

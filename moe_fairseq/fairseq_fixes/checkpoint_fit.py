@@ -166,6 +166,22 @@ def read_header(path: str):
     return (model if isinstance(model, argparse.Namespace) else None), state
 
 
+def checkpoint_settings(path: str, name: str):
+    """The model namespace ``path`` records, for a tool that needs it before any work;
+    one line naming ``name`` (the tool's argument) if it cannot be read or records none."""
+    from ..args_version import read_model_args
+    from .checkpoint_compat import describe_load_error
+
+    try:
+        args = read_model_args(path)
+    except Exception as exc:  # noqa: BLE001 - every cause becomes one line naming the file
+        raise CheckpointError(describe_load_error(path, exc)) from None
+    if args is None:
+        raise CheckpointError(f"{name} {path} records no model settings: give a checkpoint "
+                              "written by fairseq-train")
+    return args
+
+
 def check_resumable(path: str, reset_optimizer: bool) -> None:
     """Refuse to resume a checkpoint that holds no optimizer state (see the module
     docstring)."""
