@@ -12,7 +12,8 @@ histograms and I(expert; target language) to fairseq's TensorBoard logging
 (``analysis/tensorboard_routing``).
 """
 
-from . import errors, expert_parallel, fairseq_fixes
+from . import errors, fairseq_fixes
+from .parallel import expert_parallel
 from .analysis import tensorboard_routing
 
 fairseq_fixes.install_all()

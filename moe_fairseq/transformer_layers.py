@@ -17,7 +17,7 @@ from fairseq.modules.transformer_layer import (
     TransformerEncoderLayerBase,
 )
 
-from .moe_layer import build_moe_layer
+from .layer.moe_layer import build_moe_layer
 
 
 def _seq_major(mask: Optional[Tensor]) -> Optional[Tensor]:

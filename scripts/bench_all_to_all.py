@@ -72,7 +72,7 @@ def _worker(rank, args, init_file, results):
 
 
 def _measure(rank, args):
-    from moe_fairseq.expert_parallel_dispatcher import AllToAllDispatcher
+    from moe_fairseq.parallel.dispatcher import AllToAllDispatcher
     from moe_fairseq.routers.top_k import TopKRouter
 
     dtype = getattr(torch, args.dtype)

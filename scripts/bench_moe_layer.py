@@ -73,8 +73,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_fairseq.moe_layer import MoELayer  # noqa: E402
-from moe_fairseq.expert_bank import ExpertBank  # noqa: E402
+from moe_fairseq.layer.moe_layer import MoELayer  # noqa: E402
+from moe_fairseq.layer.expert_bank import ExpertBank  # noqa: E402
 from moe_fairseq.routers.top_k import TopKRouter  # noqa: E402
 from moe_fairseq.routers.stratified import StratifiedRouter, parse_strata  # noqa: E402
 

@@ -59,8 +59,8 @@ def collect_expert_load(models, task, split, max_tokens, max_batches, device, by
     and ``"languages" -> names``, when the batches carry target-language tokens."""
     from fairseq import utils
 
-    from moe_fairseq.moe_layer import MoELayer
-    from moe_fairseq.requested_capacity import capacity_counts, capacity_summary
+    from moe_fairseq.layer.moe_layer import MoELayer
+    from moe_fairseq.layer.requested_capacity import capacity_counts, capacity_summary
     from moe_fairseq.target_language import expert_language_counts, target_language_index
 
     model = models[0]

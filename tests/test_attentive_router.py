@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli, train_args
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.attentive import AttentiveRouter
 
 D, E, R = 12, 4, 5

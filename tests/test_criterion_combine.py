@@ -13,7 +13,7 @@ from conftest import USER_DIR
 from moe_fairseq.criterions.moe_label_smoothed_cross_entropy import (
     MoELabelSmoothedCrossEntropyCriterion,
 )
-from moe_fairseq.moe_layer import MoELayer, MoEStats
+from moe_fairseq.layer.moe_layer import MoELayer, MoEStats
 from moe_fairseq.options import MoEConfigError
 
 VOCAB = 12

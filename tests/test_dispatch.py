@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_fairseq.dispatcher import SortDispatcher, gather_rows, scatter_rows
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.dispatcher import SortDispatcher, gather_rows, scatter_rows
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.base import Router, Routing
 from moe_fairseq.routers.top_k import TopKRouter
 
@@ -605,7 +605,7 @@ def test_expert_bank_no_rows_forward_backward(dtype, impl):
 
 
 def test_starved_fraction_counts_experts_under_a_tenth_of_fair_share():
-    from moe_fairseq.moe_layer import MoEStats
+    from moe_fairseq.layer.moe_layer import MoEStats
 
     # load (100, 100, 5, 95): mean 75, a tenth of it 7.5 -> only the third expert
     stats = MoEStats(expert_load=torch.tensor([100, 100, 5, 95]))

@@ -286,7 +286,7 @@ def test_incremental_decoding_matches_full_forward(trained):
     from fairseq import checkpoint_utils
     from fairseq.data import data_utils
 
-    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.layer.moe_layer import MoELayer
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(trained.checkpoint_last)],

@@ -36,14 +36,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from moe_fairseq.all_to_all import all_to_all_rows, exchange_counts
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.expert_parallel_dispatcher import (
+from moe_fairseq.parallel.all_to_all import all_to_all_rows, exchange_counts
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.parallel.dispatcher import (
     AllToAllDispatcher,
     build_local_expert_bank,
     source_to_expert_order,
 )
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.options import MoEConfigError
 from moe_fairseq.routers.base import Router, Routing
 from moe_fairseq.routers.cosine import CosineRouter

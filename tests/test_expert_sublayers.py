@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from fairseq import utils
 
-from moe_fairseq.expert_bank import ExpertBank, grouped_mm_supported
-from moe_fairseq.expert_parallel_dispatcher import build_local_expert_bank
+from moe_fairseq.layer.expert_bank import ExpertBank, grouped_mm_supported
+from moe_fairseq.parallel.dispatcher import build_local_expert_bank
 
 D, F_DIM, E, N = 6, 10, 3, 3
 TIGHT = dict(rtol=1e-10, atol=1e-10)

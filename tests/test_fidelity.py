@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import moe_namespace
-from moe_fairseq.dispatcher import SortDispatcher
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.dispatcher import SortDispatcher
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.options import (
     MoEConfigError,
     MoEOptions,

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_fairseq.dispatcher import SortDispatcher
-from moe_fairseq.expert_bank import ExpertBank, grouped_mm_supported
-from moe_fairseq.expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.dispatcher import SortDispatcher
+from moe_fairseq.layer.expert_bank import ExpertBank, grouped_mm_supported
+from moe_fairseq.parallel.dispatcher import AllToAllDispatcher, build_local_expert_bank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.attentive import AttentiveRouter
 from moe_fairseq.routers.cosine import CosineRouter
 from moe_fairseq.routers.stratified import StratifiedRouter

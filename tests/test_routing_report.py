@@ -52,8 +52,8 @@ def _language_tokens(num_langs: int, per_lang: int, dim: int, seed: int = 0):
 
 
 def _layer_with_router_weights(weight: torch.Tensor):
-    from moe_fairseq.expert_bank import ExpertBank
-    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.layer.expert_bank import ExpertBank
+    from moe_fairseq.layer.moe_layer import MoELayer
     from moe_fairseq.routers.top_k import TopKRouter
 
     E, d = weight.shape
@@ -196,8 +196,8 @@ def _direct_counts(data, path):
     from fairseq import checkpoint_utils, utils
 
     from moe_fairseq.analysis.specialization import joint_counts
-    from moe_fairseq.moe_layer import MoELayer
-    from moe_fairseq.requested_capacity import capacity_counts, capacity_summary
+    from moe_fairseq.layer.moe_layer import MoELayer
+    from moe_fairseq.layer.requested_capacity import capacity_counts, capacity_summary
     from moe_fairseq.target_language import target_language_index
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(

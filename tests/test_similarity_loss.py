@@ -13,12 +13,12 @@ from moe_fairseq.criterions.moe_label_smoothed_cross_entropy import (
     MoELabelSmoothedCrossEntropyCriterion,
     similarity_loss_from_flags,
 )
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.options import MoEConfigError, MoEOptions
 from moe_fairseq.routers import build_router
 from moe_fairseq.routers.losses import sample_similarity_loss
-from moe_fairseq.similarity_loss import SimilarityLoss
+from moe_fairseq.layer.similarity_loss import SimilarityLoss
 
 D = 8
 

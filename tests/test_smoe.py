@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.stratified import StratifiedRouter, parse_strata
 from moe_fairseq.routers.top_k import TopKRouter
 

@@ -83,7 +83,7 @@ def test_generate_decodes_every_sentence(smoe_run):
 def test_incremental_decoding_and_eval_capacity_flag(smoe_run):
     from fairseq import checkpoint_utils
 
-    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.layer.moe_layer import MoELayer
     from moe_fairseq.routers.stratified import StratifiedRouter
 
     data, save_dir, _ = smoe_run
@@ -181,7 +181,7 @@ def test_flags_reach_the_router(data_bin, tmp_path):
     from fairseq import checkpoint_utils
 
     from conftest import train_args
-    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.layer.moe_layer import MoELayer
 
     save_dir = tmp_path / "ckpt"
     run_cli("train", train_args(data_bin, save_dir, "--arch", "smoe_transformer_tiny",

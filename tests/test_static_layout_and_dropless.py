@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from moe_fairseq.expert_bank import ExpertBank
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.expert_bank import ExpertBank
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.base import Routing, capacity_for
 from moe_fairseq.routers.cosine import CosineRouter
 from moe_fairseq.routers.top_k import TopKRouter

@@ -103,7 +103,7 @@ def test_routing_collapse_is_a_warning(data_bin, tmp_path):
 
 
 def test_collapsed_needs_a_sure_router_and_one_dominant_expert():
-    from moe_fairseq.moe_layer import MoEStats
+    from moe_fairseq.layer.moe_layer import MoEStats
 
     def stats(first_choices, entropy):
         load = torch.tensor(first_choices)

@@ -82,7 +82,7 @@ def test_upcycled_outputs_equal_the_dense_model(dense, tmp_path, router):
     assert rule in proc.stdout, proc.stdout
     want, _ = _decoder_outputs(dense_path, data)
     got, model = _decoder_outputs(out, data)
-    from moe_fairseq.moe_layer import MoELayer
+    from moe_fairseq.layer.moe_layer import MoELayer
 
     assert sum(isinstance(m, MoELayer) for m in model.modules()) == 2
     assert got.shape == want.shape

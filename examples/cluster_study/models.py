@@ -4,7 +4,7 @@ as the authors' code builds them (uclaml/MoE, synthetic_demo notebooks):
 - a *patch classifier*: ``2m`` filters of one patch (a Conv1d with kernel = stride =
   patch length), activation ``z^3`` (nonlinear) or identity (linear), summed over the
   P patches; class 0's logit is the sum of the first m filters, class 1's of the rest;
-- the MoE: the package's own :class:`~moe_fairseq.moe_layer.MoELayer` with the
+- the MoE: the package's own :class:`~moe_fairseq.layer.moe_layer.MoELayer` with the
   authors' noisy top-1 router (:class:`~moe_fairseq.routers.noisy_top1.NoisyTop1Router`)
   and E patch-classifier experts (m = 8, initialised at 0.001 x torch's default);
   its output is ``softmax(gate * expert logits)``, on which the authors then apply a
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_fairseq.moe_layer import MoELayer
+from moe_fairseq.layer.moe_layer import MoELayer
 from moe_fairseq.routers.noisy_top1 import NoisyTop1Router
 
 
@@ -26,7 +26,7 @@ def _activation(z: Tensor, nonlinear: bool) -> Tensor:
 
 
 class PatchExperts(nn.Module):
-    """E patch classifiers with the :class:`~moe_fairseq.expert_bank.ExpertBank`
+    """E patch classifiers with the :class:`~moe_fairseq.layer.expert_bank.ExpertBank`
     interface: rows ``[N, P * d]`` grouped by expert, group_sizes ``[E]`` -> logits
     ``[N, 2]``. Parameters ``weight [E, 2m, d]``, ``bias [E, 2m]``."""
 

@@ -144,7 +144,7 @@ def route_split(loaded: LoadedModel, split: str, directions: Optional[Sequence[s
     """
     from fairseq import utils
 
-    from ..moe_layer import MoELayer
+    from ..layer.moe_layer import MoELayer
 
     model = loaded.model
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]

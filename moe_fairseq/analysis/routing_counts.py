@@ -1,7 +1,7 @@
 """What a model's routers did on a data split: counts per MoE layer and translation
 direction, and the numbers of the routing report derived from them.
 
-:class:`RoutingCounts` adds up, batch by batch, the :class:`~moe_fairseq.moe_layer.MoEStats`
+:class:`RoutingCounts` adds up, batch by batch, the :class:`~moe_fairseq.layer.moe_layer.MoEStats`
 of every MoE layer (with ``record_first_expert`` set) under the batch's direction
 (``src-tgt``). Everything the report shows is computed from these integer counts and
 float sums by :meth:`RoutingCounts.summary`, so the report's numbers can be checked

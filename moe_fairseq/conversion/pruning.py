@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OneLineError
-from ..moe_layer import MoELayer
+from ..layer.moe_layer import MoELayer
 
 PRUNABLE_ROUTERS = ("TopKRouter", "CosineRouter")
 

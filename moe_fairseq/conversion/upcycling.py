@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import OneLineError
-from ..moe_layer import MoELayer
+from ..layer.moe_layer import MoELayer
 
 UPCYCLABLE_ROUTERS = ("TopKRouter", "CosineRouter", "StratifiedRouter")
 

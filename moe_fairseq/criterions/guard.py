@@ -8,7 +8,7 @@ criterion of one's own that adds the routing losses says so with the class attri
 ``collects_moe_losses = True`` (ours inherit it).
 """
 
-from ..moe_layer import MoELayer
+from ..layer.moe_layer import MoELayer
 from ..options import MoEConfigError
 
 MOE_CRITERIA = ("moe_label_smoothed_cross_entropy", "moe_cross_entropy")

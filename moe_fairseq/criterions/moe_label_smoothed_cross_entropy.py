@@ -62,10 +62,10 @@ from omegaconf import II
 
 from ..analysis import tensorboard_routing
 
-from ..moe_layer import COLLAPSE_SHARE, MoELayer, MoEStats
+from ..layer.moe_layer import COLLAPSE_SHARE, MoELayer, MoEStats
 from ..options import MoEConfigError
-from ..similarity_loss import SimilarityLoss
-from ..requested_capacity import capacity_counts, capacity_summary, is_count_key
+from ..layer.similarity_loss import SimilarityLoss
+from ..layer.requested_capacity import capacity_counts, capacity_summary, is_count_key
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_wmt_en_de_big,
 )
 
-from ..expert_parallel import (
+from ..parallel.expert_parallel import (
     expert_parallel_group,
     ignore_experts_in_torch_ddp,
     validate_expert_parallel,

@@ -1,7 +1,7 @@
 """The router interface every routing method implements.
 
 A router looks at token vectors and decides, for one *routing pass*, which experts
-each token visits and with what gate weight. The MoE layer (``moe_layer.py``) only
+each token visits and with what gate weight. The MoE layer (``layer/moe_layer.py``) only
 talks to routers through this interface, so a linear top-k gate, a cosine gate
 with expert clusters or a stratified multi-pass gate are interchangeable.
 

@@ -14,7 +14,7 @@ batch carries target-language tokens, ``smoe_passes_<lang>`` / ``smoe_tokens_<la
 import re
 from typing import Dict, List, Optional
 
-from .target_language import target_language_index
+from ..target_language import target_language_index
 
 _STRATUM_KEY = re.compile(r"smoe_s(\d+)_tokens$")
 _LANG_TOKENS = "smoe_tokens_"

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .routers.losses import sample_similarity_loss
+from ..routers.losses import sample_similarity_loss
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ Every rank routes its own tokens over all E experts; one MoE pass then goes:
 
 Gathers and un-gathers use :func:`gather_rows` / :func:`scatter_rows`, whose
 backward is a copy (no ``index_add``); the all-to-alls are differentiable
-(:mod:`moe_fairseq.all_to_all`). Everything ``combine`` needs lives on the
+(:mod:`moe_fairseq.parallel.all_to_all`). Everything ``combine`` needs lives on the
 :class:`ExpertParallelPlan` that ``plan`` returns.
 
 Collectives and deadlocks: ``plan``, ``dispatch`` and ``combine`` are collective
@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 
 from .all_to_all import all_to_all_rows, exchange_counts, group_rank, group_size
-from .dispatcher import DispatchPlan, SortDispatcher, gather_rows, scatter_rows
-from .expert_bank import ExpertBank
-from .options import MoEConfigError
-from .routers.base import Routing
+from ..layer.dispatcher import DispatchPlan, SortDispatcher, gather_rows, scatter_rows
+from ..layer.expert_bank import ExpertBank
+from ..options import MoEConfigError
+from ..routers.base import Routing
 
 
 

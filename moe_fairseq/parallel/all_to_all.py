@@ -16,7 +16,7 @@ Every rank of the group must call every collective, in the same order, even when
 it has nothing to send or receive (zero-row splits, a zero-row total): gloo (CPU)
 and NCCL both accept empty tensors. In backward that holds as long as every rank
 builds the same autograd graph shape, which the expert-parallel dispatcher
-ensures (see ``expert_parallel_dispatcher.py``).
+ensures (see ``parallel/dispatcher.py``).
 """
 
 from typing import List, Sequence

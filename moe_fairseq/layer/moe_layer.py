@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from .dispatcher import SortDispatcher, gather_rows, scatter_rows
 from .expert_bank import ExpertBank
-from .expert_parallel import expert_parallel_group, scale_expert_grads
-from .expert_parallel_dispatcher import AllToAllDispatcher, build_local_expert_bank
-from .routers import Router, build_router
-from .routers.base import count_tokens, entropy_of
+from ..parallel.expert_parallel import expert_parallel_group, scale_expert_grads
+from ..parallel.dispatcher import AllToAllDispatcher, build_local_expert_bank
+from ..routers import Router, build_router
+from ..routers.base import count_tokens, entropy_of
 from .similarity_loss import SimilarityLoss
 
 
@@ -360,7 +360,7 @@ def build_moe_layer(
     """Build the MoE block of one transformer layer from parsed :class:`MoEOptions`.
 
     Under distributed training the experts are sharded over the data-parallel
-    ranks (see ``expert_parallel.py``); otherwise every expert is local.
+    ranks (see ``parallel/expert_parallel.py``); otherwise every expert is local.
     """
     router = build_router(options, embed_dim)
     ffn_dim = options.expert_ffn_dim or ffn_dim

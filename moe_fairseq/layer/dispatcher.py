@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .routers.base import Routing
+from ..routers.base import Routing
 
 
 class _GatherRows(torch.autograd.Function):

@@ -47,7 +47,7 @@ def expert_parallel_group() -> Tuple[Optional[object], int, int]:
 
 def validate_expert_parallel(args, num_experts: int, world: int) -> None:
     """Refuse configurations expert parallelism cannot serve, naming the flag."""
-    from .options import MoEConfigError
+    from ..options import MoEConfigError
 
     if num_experts % world:
         raise MoEConfigError(
