@@ -56,6 +56,11 @@ setup(
         # (fairseq's text_to_speech task, imported at start-up, asks for it)
         "tensorboardX",
     ],
-    extras_require={"test": ["pytest"]},
+    # Triton is not a run-time requirement: CUDA builds of torch bring the one they need,
+    # and without it the layer keeps its PyTorch path. The tests pin 3.9, whose
+    # interpreter runs the kernels on CPU with numpy 2.4 (the GPU machine has 3.6, whose
+    # interpreter needs numpy < 2.4).
+    extras_require={"test": ["pytest", 'triton==3.9.0; platform_system == "Linux" and '
+                                       'platform_machine == "x86_64"']},
     cmdclass={"build_py": build_py_with_autoload},
 )

@@ -1,0 +1,127 @@
+"""Fused Triton kernels for the experts' FFN on the GPU (issue 25).
+
+Both ops work on the dispatch plan of :class:`~moe_fairseq.layer.dispatcher.SortDispatcher`:
+N rows grouped by expert, expert e owning rows ``[offsets[e-1], offsets[e])``
+(``offsets = torch.cumsum(plan.rows_per_expert, 0).int()``, ``offsets[-1] == N``), each
+row r carrying its slot ``slot[r] = j * T + t`` (``plan.assignment_index``: token
+``t = slot % T``, its j-th choice). Slots are distinct; in the static layout they are a
+permutation of all ``k * T`` slots. Weights as in
+:class:`~moe_fairseq.layer.expert_bank.ExpertBank`: ``w1 [E, d, f]``, ``b1 [E, f]``,
+``w2 [E, f, d]``, ``b2 [E, d]``.
+
+- :func:`gather_ffn1` -- ``H[r] = act(X[slot[r] % T] @ W1[e] + b1[e])``, ``[N, f]``:
+  the gather into rows fused into the GEMM's loads, bias and activation (relu, exact
+  gelu or linear) into its epilogue.
+- :func:`ffn2_combine` -- ``Y[t] = sum_r m[r] g[r] (H[r] @ W2[e] + b2[e])``, ``[T, d]``:
+  bias, gate, row mask (exact zeros, non-finite rows included) and the combine into
+  token order fused into the epilogue and stores.
+
+Both are autograd Functions differentiable in every float input (x, w1, b1, h, w2, b2,
+gates). The kernels underneath (``rows.grouped_rows``: row-tile grouped GEMM with
+gather / scatter / fused activation gradient; ``xty.grouped_xty``: per-expert
+``X^T D`` with the bias gradient fused) are usable alone.
+
+Wiring into the layer (CUDA, static layout)::
+
+    offsets = torch.cumsum(plan.rows_per_expert, 0).to(torch.int32)
+    h = gather_ffn1(x, w1, b1, offsets, plan.assignment_index, plan.num_slots,
+                    activation, row_mask=plan.row_mask)
+    y = ffn2_combine(h, w2, b2, plan.row_gates, offsets, plan.assignment_index,
+                     plan.num_tokens, plan.num_slots, row_mask=plan.row_mask)
+
+(the same calls serve the compact layout, whose ``plan.row_mask`` is None). Not
+covered: activation dropout, tanh-GELU, experts of several sublayers, and rows that
+arrive already gathered (expert parallelism) except as ``slot = arange(N)``,
+``num_slots = 1``. Nothing is read back to the host: grids come from shapes, row tiles
+from ``offsets`` in-kernel; no atomics, so results are deterministic.
+
+Whether the kernels can run here: :func:`available`. Importing this package does not
+import Triton; ``available()`` and the ops do, on first use. ``TRITON_INTERPRET=1`` set
+before that first use makes Triton run them on CPU tensors (slow; for tests).
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "gather_ffn1", "ffn2_combine", "BlockConfig", "interpreted"]
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_common = None  # the imported .common module, or False when Triton cannot be imported
+
+
+def _triton_common():
+    global _common
+    if _common is None:
+        try:
+            from . import common
+            _common = common
+        except Exception:  # not installed, or an install that fails at import
+            _common = False
+    return _common or None
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreted() -> Optional[bool]:
+    """True when the kernels were built for Triton's interpreter, False when compiled,
+    None without Triton."""
+    common = _triton_common()
+    if common is None:
+        return None
+    return type(common.expert_tile).__name__ == "InterpretedFunction"
+
+
+def available(device, dtype: torch.dtype) -> bool:
+    """Whether the ops run on tensors of this device and dtype here.
+
+    Needs Triton and fp32 / fp16 / bf16; then either CUDA tensors with compiled
+    kernels, or any tensor with kernels built for the interpreter while
+    ``TRITON_INTERPRET`` is still set (a process that set it only to import them, as
+    a test might, does not hand interpreted kernels to the layer afterwards).
+    """
+    if dtype not in _SUPPORTED:
+        return False
+    mode = interpreted()
+    if mode is None:
+        return False
+    if mode:
+        return _interpret_env()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if not available(t.device, t.dtype):
+        raise RuntimeError(
+            f"moe_fairseq.kernels cannot run on {t.device} {t.dtype} tensors here: they need "
+            "Triton and a CUDA tensor, or TRITON_INTERPRET=1 (set before their first use) "
+            "for CPU tensors; check kernels.available() and fall back")
+
+
+def gather_ffn1(x, w1, b1, offsets, slot, num_slots, activation="relu", row_mask=None,
+                config=None):
+    """See :func:`moe_fairseq.kernels.ffn1.gather_ffn1` (x ``[T, d]`` -> ``[N, f]``)."""
+    _check_runnable(x)
+    from .ffn1 import gather_ffn1 as op
+    return op(x, w1, b1, offsets, slot, num_slots, activation, row_mask, config)
+
+
+def ffn2_combine(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mask=None,
+                 config=None):
+    """See :func:`moe_fairseq.kernels.ffn2.ffn2_combine` (h ``[N, f]`` -> ``[T, d]``)."""
+    _check_runnable(h)
+    from .ffn2 import ffn2_combine as op
+    return op(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mask, config)
+
+
+def __getattr__(name):
+    # BlockConfig lives with Triton; reach it without importing Triton up front.
+    if name == "BlockConfig":
+        common = _triton_common()
+        if common is None:
+            raise AttributeError("BlockConfig needs Triton, which cannot be imported here")
+        return common.BlockConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
