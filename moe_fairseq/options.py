@@ -24,6 +24,8 @@ from .routers.top_k import EVAL_SECOND_EXPERT_POLICIES, SECOND_EXPERT_POLICIES
 
 # --moe-token-order: which tokens keep their expert capacity when it binds.
 TOKEN_ORDERS = ("batch-major", "seq-major")
+# --moe-kernels: how the experts run (see MoELayer.uses_fused_kernels).
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 class MoEConfigError(OneLineError, ValueError):
@@ -84,6 +86,15 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                             "their tokens when capacity binds; seq-major = position by "
                             "position across the batch (fairseq's [T, B] layout; checkpoints "
                             "written before MoE args version 3)")
+    group.add_argument("--moe-kernels", type=str, metavar="MODE",
+                       help=f"how the experts run, one of {list(KERNEL_CHOICES)}: auto "
+                            "(default) = the fused Triton kernels (gather + FFN + combine in "
+                            "two kernels each way) on CUDA in fp16/bf16 when the layer "
+                            "qualifies (experts all local, one sublayer, relu/gelu/linear, no "
+                            "activation dropout in training), else the PyTorch path; triton = "
+                            "always the fused kernels, fp32 included (an error at the first "
+                            "forward if they cannot run: no CUDA and no TRITON_INTERPRET=1, "
+                            "or the layer does not qualify); torch = always the PyTorch path")
     group.add_argument("--moe-encoder-layers", type=str, metavar="I1,I2,...",
                        help="1-based encoder layers that are MoE (overrides --moe-freq for "
                             "the encoder), e.g. 4")
@@ -178,6 +189,7 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_layer_expert_counts=None,
         moe_output_dropout=True,
         moe_token_order="batch-major",
+        moe_kernels="auto",
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
         moe_attentive_dim=16,
@@ -217,6 +229,7 @@ class MoEOptions:
     decoder_layers: Optional[List[int]] = None
     output_dropout: bool = True
     token_order: str = "batch-major"
+    kernels: str = "auto"  # --moe-kernels
     layer_expert_counts: Optional[List[int]] = None  # per MoE layer; None = expert_count
 
     @classmethod
@@ -242,6 +255,7 @@ class MoEOptions:
             decoder_layers=parse_layer_list(args.moe_decoder_layers),
             output_dropout=bool(args.moe_output_dropout),
             token_order=args.moe_token_order,
+            kernels=getattr(args, "moe_kernels", None) or "auto",
             layer_expert_counts=parse_expert_counts(getattr(args, "moe_layer_expert_counts", None)),
         )
 
@@ -334,6 +348,11 @@ def validate_moe_args(args: argparse.Namespace) -> None:
     if args.moe_token_order not in TOKEN_ORDERS:
         raise MoEConfigError(
             f"--moe-token-order must be one of {list(TOKEN_ORDERS)}, got {args.moe_token_order!r}"
+        )
+    kernels = getattr(args, "moe_kernels", None) or "auto"
+    if kernels not in KERNEL_CHOICES:
+        raise MoEConfigError(
+            f"--moe-kernels must be one of {list(KERNEL_CHOICES)}, got {kernels!r}"
         )
     sub = args.moec_expert_sublayers
     if sub is None or sub < 1:

@@ -151,6 +151,8 @@ def main(argv=None):
     for name, kw in SHAPES:
         budgets[name] = b = layer_budget(dim=D, ffn=F, top_k=K, dtype=dtype, **kw)
         print(row(name, b))
+        print(row(f"  fused (--moe-kernels triton)", layer_budget(
+            dim=D, ffn=F, top_k=K, dtype=dtype, kernels="triton", **kw)))
         T = kw["tokens"]
         print(row(f"  dense {K}T={K * T} tok, h={F}", dense_ffn_budget(K * T, D, F, dtype)))
         print(row(f"  dense T={T} tok, h={K * F}", dense_ffn_budget(T, D, K * F, dtype)))

@@ -40,6 +40,7 @@ OTHER_VALUES = {
     "moe_normalize_gate_prob_before_dropping": [True],
     "moe_output_dropout": [False, True],
     "moe_token_order": ["seq-major", "batch-major"],
+    "moe_kernels": ["torch", "auto"],
     "moe_encoder_layers": ["1", "2"],
     "moe_decoder_layers": ["1", "2"],
     "moe_layer_expert_counts": ["2,2"],

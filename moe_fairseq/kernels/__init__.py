@@ -16,12 +16,16 @@ permutation of all ``k * T`` slots. Weights as in
   bias, gate, row mask (exact zeros, non-finite rows included) and the combine into
   token order fused into the epilogue and stores.
 
-Both are autograd Functions differentiable in every float input (x, w1, b1, h, w2, b2,
-gates). The kernels underneath (``rows.grouped_rows``: row-tile grouped GEMM with
-gather / scatter / fused activation gradient; ``xty.grouped_xty``: per-expert
-``X^T D`` with the bias gradient fused) are usable alone.
+Both are differentiable in every float input (x, w1, b1, h, w2, b2, gates). Every
+launch is a ``torch.library`` custom op (``moe_fairseq::gather_ffn1``,
+``moe_fairseq::ffn2_combine`` and their backward ops, see :mod:`.ops`) with a meta
+implementation, so dispatch modes (``layer/op_budget.py``) count each as one op and
+``torch.compile`` can trace them. The kernels underneath (``rows.grouped_rows``:
+row-tile grouped GEMM with gather / scatter / fused activation gradient;
+``xty.grouped_xty``: per-expert ``X^T D`` with the bias gradient fused) are usable alone.
 
-Wiring into the layer (CUDA, static layout)::
+The layer takes this path under ``--moe-kernels`` (:meth:`ExpertBank.fused_ffn
+<moe_fairseq.layer.expert_bank.ExpertBank.fused_ffn>`)::
 
     offsets = torch.cumsum(plan.rows_per_expert, 0).to(torch.int32)
     h = gather_ffn1(x, w1, b1, offsets, plan.assignment_index, plan.num_slots,
@@ -35,9 +39,10 @@ arrive already gathered (expert parallelism) except as ``slot = arange(N)``,
 ``num_slots = 1``. Nothing is read back to the host: grids come from shapes, row tiles
 from ``offsets`` in-kernel; no atomics, so results are deterministic.
 
-Whether the kernels can run here: :func:`available`. Importing this package does not
-import Triton; ``available()`` and the ops do, on first use. ``TRITON_INTERPRET=1`` set
-before that first use makes Triton run them on CPU tensors (slow; for tests).
+Whether the kernels can run here: :func:`available` (:func:`unavailable_reason` says
+why not). Importing this package does not import Triton; ``available()`` and the ops
+do, on first use (not on ``meta`` tensors). ``TRITON_INTERPRET=1`` set before that
+first use makes Triton run them on CPU tensors (slow; for tests).
 """
 
 import os
@@ -45,7 +50,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "gather_ffn1", "ffn2_combine", "BlockConfig", "interpreted"]
+__all__ = ["available", "unavailable_reason", "gather_ffn1", "ffn2_combine", "BlockConfig",
+           "interpreted"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _common = None  # the imported .common module, or False when Triton cannot be imported
@@ -75,30 +81,50 @@ def interpreted() -> Optional[bool]:
     return type(common.expert_tile).__name__ == "InterpretedFunction"
 
 
+def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
+    """Why the ops cannot run on tensors of this device and dtype here (None: they can),
+    as a phrase for an error message that names the device and dtype. See
+    :func:`available`."""
+    if dtype not in _SUPPORTED:
+        return "the kernels take float32, float16 and bfloat16 tensors"
+    device = torch.device(device)
+    if device.type == "meta":
+        return None  # shapes only: the ops' meta implementations, no Triton
+    mode = interpreted()
+    if mode is None:
+        return "Triton cannot be imported (pip install triton)"
+    if mode:
+        if not _interpret_env():
+            return ("the kernels were built for Triton's interpreter, and TRITON_INTERPRET "
+                    "is no longer set")
+        return None
+    if device.type != "cuda":
+        return ("compiled kernels take CUDA tensors (CPU tensors need TRITON_INTERPRET=1 set "
+                "before the kernels' first use)")
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
 def available(device, dtype: torch.dtype) -> bool:
     """Whether the ops run on tensors of this device and dtype here.
 
-    Needs Triton and fp32 / fp16 / bf16; then either CUDA tensors with compiled
-    kernels, or any tensor with kernels built for the interpreter while
+    Needs fp32 / fp16 / bf16; then either CUDA tensors with compiled kernels (Triton
+    installed), or any tensor with kernels built for the interpreter while
     ``TRITON_INTERPRET`` is still set (a process that set it only to import them, as
-    a test might, does not hand interpreted kernels to the layer afterwards).
+    a test might, does not hand interpreted kernels to the layer afterwards). On
+    ``meta`` tensors the ops always run (their shape functions; no Triton needed).
     """
-    if dtype not in _SUPPORTED:
-        return False
-    mode = interpreted()
-    if mode is None:
-        return False
-    if mode:
-        return _interpret_env()
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return unavailable_reason(device, dtype) is None
 
 
 def _check_runnable(t: torch.Tensor) -> None:
-    if not available(t.device, t.dtype):
+    reason = unavailable_reason(t.device, t.dtype)
+    if reason is not None:
         raise RuntimeError(
-            f"moe_fairseq.kernels cannot run on {t.device} {t.dtype} tensors here: they need "
-            "Triton and a CUDA tensor, or TRITON_INTERPRET=1 (set before their first use) "
-            "for CPU tensors; check kernels.available() and fall back")
+            f"moe_fairseq.kernels cannot run on {t.device} {t.dtype} tensors here ({reason}): "
+            "they need Triton and a CUDA tensor, or TRITON_INTERPRET=1 (set before their "
+            "first use) for CPU tensors; check kernels.available() and fall back")
 
 
 def gather_ffn1(x, w1, b1, offsets, slot, num_slots, activation="relu", row_mask=None,
@@ -118,10 +144,8 @@ def ffn2_combine(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mas
 
 
 def __getattr__(name):
-    # BlockConfig lives with Triton; reach it without importing Triton up front.
+    # Loaded on first use, so that importing the package stays light.
     if name == "BlockConfig":
-        common = _triton_common()
-        if common is None:
-            raise AttributeError("BlockConfig needs Triton, which cannot be imported here")
-        return common.BlockConfig
+        from .host import BlockConfig
+        return BlockConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

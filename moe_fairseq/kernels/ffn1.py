@@ -11,66 +11,18 @@ Backward (no atomics):
 - dW1[e] = X_e^T dA_e and db1[e] = sum of dA_e, in one per-expert pass (``xty``).
 
 With a row mask, masked rows are zeroed by ``where`` in every backward load.
+
+The launches are the custom ops ``moe_fairseq::gather_ffn1`` (forward, differentiable),
+``ffn1_dx`` and ``ffn1_dw`` (see :mod:`.ops`); this module checks the arguments.
 """
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .common import DEFAULT_CONFIG, SUPPORTED_DTYPES, BlockConfig, activation_code, \
-    check_routing_args, check_same_device, slot_buffer, sum_slots
-from .rows import grouped_rows
-from .xty import grouped_xty
-
-
-class GatherFFN1(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, offsets: Tensor, slot: Tensor,
-                num_slots: int, activation: str, row_mask: Optional[Tensor],
-                config: BlockConfig) -> Tensor:
-        act = activation_code(activation)
-        num_tokens = x.size(0)
-        num_rows = slot.numel()
-        h = x.new_empty(num_rows, w1.size(2))
-        # gelu's backward needs its input; relu's sign test can use the output.
-        pre = x.new_empty(num_rows, w1.size(2)) if act == 2 else None
-        if num_tokens > 0:
-            grouped_rows(x, w1, offsets, slot, h, num_tokens=num_tokens, config=config,
-                         a_gather=True, bias=b1, act=act, pre=pre)
-        ctx.save_for_backward(x, w1, offsets, slot, row_mask, pre if act == 2 else h)
-        ctx.act, ctx.num_slots, ctx.config = act, num_slots, config
-        return h
-
-    @staticmethod
-    def backward(ctx, dh: Tensor):
-        x, w1, offsets, slot, row_mask, z = ctx.saved_tensors
-        act, k, config = ctx.act, ctx.num_slots, ctx.config
-        T, d = x.shape
-        N = slot.numel()
-        dx = dw1 = db1 = None
-        if ctx.needs_input_grad[0]:
-            if N == 0 or T == 0:
-                dx = torch.zeros_like(x)
-            else:
-                stack = slot_buffer(x, k, T, N, d)
-                # dA @ W1[e]^T: W1 read through a transposed view, no copy.
-                grouped_rows(dh, w1.transpose(1, 2), offsets, slot, stack, num_tokens=T,
-                             config=config, a_act_grad=act, z=z, a_mask=True,
-                             row_mask=row_mask, out_scatter=True)
-                dx = sum_slots(stack, k, T)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dw1 = torch.empty_like(w1)
-            db1 = w1.new_empty(w1.size(0), w1.size(2))
-            if N == 0 or T == 0:
-                dw1.zero_()
-                db1.zero_()
-            else:
-                grouped_xty(x, dh, offsets, slot, dw1, num_tokens=T, config=config, bias=db1,
-                            x_gather=True, x_mask=True, d_act_grad=act, z=z, d_mask=True,
-                            row_mask=row_mask)
-        return dx, dw1, db1, None, None, None, None, None, None
+from .host import DEFAULT_CONFIG, SUPPORTED_DTYPES, BlockConfig, activation_code, \
+    check_routing_args, check_same_device
+from .ops import config_list, gather_ffn1_op
 
 
 def gather_ffn1(x: Tensor, w1: Tensor, b1: Tensor, offsets: Tensor, slot: Tensor,
@@ -103,6 +55,9 @@ def gather_ffn1(x: Tensor, w1: Tensor, b1: Tensor, offsets: Tensor, slot: Tensor
     if x.dtype not in SUPPORTED_DTYPES or w1.dtype != x.dtype or b1.dtype != x.dtype:
         raise ValueError(f"gather_ffn1: dtypes x {x.dtype}, w1 {w1.dtype}, b1 {b1.dtype}: "
                          f"all must be one of {SUPPORTED_DTYPES}")
+    activation_code(activation)  # a clear error for an unknown name
     check_same_device(x.device, w1=w1, b1=b1)
     check_routing_args(offsets, slot, slot.numel(), E, x.device, row_mask)
-    return GatherFFN1.apply(x, w1, b1, offsets, slot, num_slots, activation, row_mask, config)
+    h, _ = gather_ffn1_op(x, w1, b1, offsets, slot, num_slots, activation, row_mask,
+                          config_list(config))
+    return h

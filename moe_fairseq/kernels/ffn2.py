@@ -14,70 +14,18 @@ Backward (no atomics):
   walks all f columns of its rows);
 - dW2[e] = sum_r H[r]^T (m g dY[t]) and db2[e] = sum_r m g dY[t], one per-expert pass
   (``xty``), H's dropped rows zeroed by ``where`` in the loads.
+
+The launches are the custom ops ``moe_fairseq::ffn2_combine`` (forward, differentiable),
+``ffn2_dh`` and ``ffn2_dw`` (see :mod:`.ops`); this module checks the arguments.
 """
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .common import DEFAULT_CONFIG, SUPPORTED_DTYPES, BlockConfig, check_routing_args, \
-    check_same_device, slot_buffer, sum_slots
-from .rows import grouped_rows
-from .xty import grouped_xty
-
-
-class FFN2Combine(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w2: Tensor, b2: Tensor, gates: Tensor, offsets: Tensor,
-                slot: Tensor, num_tokens: int, num_slots: int, row_mask: Optional[Tensor],
-                config: BlockConfig) -> Tensor:
-        N, d = slot.numel(), w2.size(2)
-        if N == 0 or num_tokens == 0:
-            y = h.new_zeros(num_tokens, d)
-        else:
-            stack = slot_buffer(h, num_slots, num_tokens, N, d)
-            grouped_rows(h, w2, offsets, slot, stack, num_tokens=num_tokens, config=config,
-                         bias=b2, gate=gates, row_mask=row_mask, out_scatter=True)
-            y = sum_slots(stack, num_slots, num_tokens)
-        ctx.save_for_backward(h, w2, b2, gates, offsets, slot, row_mask)
-        ctx.num_tokens, ctx.config = num_tokens, config
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        h, w2, b2, gates, offsets, slot, row_mask = ctx.saved_tensors
-        T, config = ctx.num_tokens, ctx.config
-        N = slot.numel()
-        empty = N == 0 or T == 0
-        need_h, need_w2, need_b2, need_gates = ctx.needs_input_grad[:4]
-        dh = dw2 = db2 = dgates = None
-        if need_h or need_gates:
-            dh = torch.empty_like(h) if not empty else torch.zeros_like(h)
-            dgate32 = None
-            if need_gates:
-                dgate32 = torch.zeros(N, dtype=torch.float32, device=h.device)
-            if not empty:
-                # dY[t] @ W2[e]^T through a transposed view of W2, no copy.
-                grouped_rows(dy, w2.transpose(1, 2), offsets, slot, dh, num_tokens=T,
-                             config=config, a_gather=True, gate=gates, row_mask=row_mask,
-                             row_dot=(h, b2, dgate32) if need_gates else None)
-            if need_gates:
-                dgates = dgate32.to(gates.dtype)
-            if not need_h:
-                dh = None
-        if need_w2 or need_b2:
-            dw2 = torch.empty_like(w2)
-            db2 = torch.empty_like(b2)
-            if empty:
-                dw2.zero_()
-                db2.zero_()
-            else:
-                grouped_xty(h, dy, offsets, slot, dw2, num_tokens=T, config=config, bias=db2,
-                            x_mask=True, d_gather=True, gate=gates, d_mask=True,
-                            row_mask=row_mask)
-        return dh, dw2, db2, dgates, None, None, None, None, None, None
+from .host import DEFAULT_CONFIG, SUPPORTED_DTYPES, BlockConfig, check_routing_args, \
+    check_same_device
+from .ops import config_list, ffn2_combine_op
 
 
 def ffn2_combine(h: Tensor, w2: Tensor, b2: Tensor, gates: Tensor, offsets: Tensor,
@@ -114,5 +62,5 @@ def ffn2_combine(h: Tensor, w2: Tensor, b2: Tensor, gates: Tensor, offsets: Tens
         raise ValueError(f"ffn2_combine: gates must be floating point, got {gates.dtype}")
     check_same_device(h.device, w2=w2, b2=b2)
     check_routing_args(offsets, slot, slot.numel(), E, h.device, row_mask, gates)
-    return FFN2Combine.apply(h, w2, b2, gates, offsets, slot, num_tokens, num_slots,
-                             row_mask, config)
+    return ffn2_combine_op(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mask,
+                           config_list(config))

@@ -13,8 +13,9 @@ tokens into rows and the scatter of rows back into slots cost no separate pass:
   backward fused into the loads (z rows indexed by r).
 - ``a_mask``: rows with ``row_mask`` False load as 0 (even if not finite).
 - epilogue, in order: ``+ b[e]``; store the pre-activation to ``pre``; activation;
-  ``row_dot``: ``dot[r] += <acc_r, hd[r]>`` over all columns (the program then loops
-  over every column tile) plus ``<A[a(r)], vb[e]>`` -- the gate gradient; gate:
+  ``row_dot``: ``dot[r] = <acc_r, hd[r]>`` over all columns (the program then loops
+  over every column tile) plus ``<A[a(r)], vb[e]>`` -- the gate gradient, stored for
+  every row (0 where ``row_mask`` is False), so ``dot`` needs no zero fill; gate:
   ``gate[r] * acc`` and rows with ``row_mask`` False stored as exactly 0.
 
 Grid: (row tiles, column tiles); row tiles are found in-kernel from ``offsets``

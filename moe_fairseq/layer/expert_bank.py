@@ -10,12 +10,16 @@ With ``sublayers = N > 1`` each expert is instead N post-LN residual FFN
 sublayers applied in sequence (the MoEC authors' ``--moe-sublayers`` experts),
 with parameters stacked ``[E, N, ...]``; see :class:`ExpertBank`.
 
+The layer's fused path (``--moe-kernels``) does not call :meth:`ExpertBank.forward`:
+:meth:`ExpertBank.fused_ffn` runs dispatch, experts and combine as two Triton kernels
+on the dispatch plan (``moe_fairseq/kernels``).
+
 Every parameter carries ``param.expert = True`` so data-parallel gradient
 averaging can leave experts out when they are sharded across ranks.
 """
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,10 @@ from torch import Tensor, nn
 from fairseq import utils
 
 LN_EPS = 1e-5  # LayerNorm eps of the sublayers (fairseq's LayerNorm default)
+
+# fairseq activations the fused kernels compute in their epilogue ("gelu" is fairseq's
+# exact erf GELU; gelu_accurate / gelu_fast are the tanh form, which they do not have).
+FUSED_ACTIVATIONS = ("relu", "gelu", "linear")
 
 _GROUPED_MM_OK: Dict[Tuple[str, torch.dtype, int, int], bool] = {}
 
@@ -85,6 +93,7 @@ class ExpertBank(nn.Module):
         self.embed_dim = embed_dim
         self.ffn_dim = ffn_dim
         self.sublayers = sublayers
+        self.activation_name = activation_fn  # what the fused kernels are told
         self.activation_fn = utils.get_activation_fn(activation_fn)
         self.activation_dropout = activation_dropout
         if sublayers == 1:
@@ -236,6 +245,41 @@ class ExpertBank(nn.Module):
                 w1.sum() + b1.sum() + w2.sum() + b2.sum()
             )
         return torch.cat(outs, dim=0)
+
+    def fused_unsupported(self) -> Optional[str]:
+        """Why :meth:`fused_ffn` cannot stand for this bank's forward (None: it can), as
+        a phrase for an error message. The kernels compute two-layer FFNs with a relu,
+        exact gelu or no activation, and no activation dropout."""
+        if self.sublayers > 1:
+            return f"its experts have {self.sublayers} sublayers (--moec-expert-sublayers)"
+        if self.activation_name not in FUSED_ACTIVATIONS:
+            return (f"its activation {self.activation_name!r} is not one of "
+                    f"{list(FUSED_ACTIVATIONS)}")
+        if self.activation_dropout > 0 and self.training:
+            return (f"activation dropout {self.activation_dropout:g} in training "
+                    "(--activation-dropout)")
+        return None
+
+    def fused_ffn(self, x: Tensor, plan) -> Tensor:
+        """Dispatch, experts and combine in two fused kernels (``moe_fairseq.kernels``).
+
+        x ``[T, d]`` tokens, plan: a :class:`~.dispatcher.SortDispatcher` plan of them
+        (``num_tokens == T``) -> ``[T, d]``, token t's sum over its kept rows of
+        ``gate * FFN_e(x[t])``: what ``combine(self(*dispatch(x, plan)), plan)`` gives,
+        without materialising the rows. Only when :meth:`fused_unsupported` is None
+        and ``kernels.available(x.device, x.dtype)``.
+        """
+        from .. import kernels  # imports Triton only when a kernel runs
+
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if x.dtype != w1.dtype:
+            w1, b1, w2, b2 = (p.to(x.dtype) for p in (w1, b1, w2, b2))
+        offsets = torch.cumsum(plan.rows_per_expert, 0).to(torch.int32)
+        slot = plan.assignment_index
+        h = kernels.gather_ffn1(x, w1, b1, offsets, slot, plan.num_slots, self.activation_name,
+                                row_mask=plan.row_mask)
+        return kernels.ffn2_combine(h, w2, b2, plan.row_gates, offsets, slot, plan.num_tokens,
+                                    plan.num_slots, row_mask=plan.row_mask)
 
     def _forward_sublayers(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """Experts of ``sublayers > 1`` post-LN sublayers.

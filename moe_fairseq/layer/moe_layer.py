@@ -3,8 +3,11 @@
 The layer knows nothing about the routing method: it asks its router for one
 :class:`~moe_fairseq.routers.base.Routing` per pass, lets the dispatcher group the
 kept assignments by expert, runs the expert bank once per pass and adds the gated
-outputs back. After each forward, :attr:`MoELayer.stats` holds the routing losses
-(differentiable, for the criterion) and detached statistics (for logging).
+outputs back. On the fused path (``--moe-kernels``, :meth:`MoELayer.uses_fused_kernels`)
+the bank runs gather, experts and combine as two Triton kernels on the dispatcher's
+plan instead (:meth:`ExpertBank.fused_ffn <.expert_bank.ExpertBank.fused_ffn>`).
+After each forward, :attr:`MoELayer.stats` holds the routing losses (differentiable,
+for the criterion) and detached statistics (for logging).
 """
 
 import math
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 from .dispatcher import SortDispatcher, gather_rows, scatter_rows
 from .expert_bank import ExpertBank
+from ..options import KERNEL_CHOICES, MoEConfigError
 from ..parallel.expert_parallel import expert_parallel_group, scale_expert_grads
 from ..parallel.dispatcher import AllToAllDispatcher, build_local_expert_bank
 from ..routers import Router, build_router
@@ -129,9 +133,12 @@ class MoELayer(nn.Module):
         experts: the :class:`ExpertBank` of the experts this process runs (all
             ``router.num_experts`` of them unless the dispatcher shards experts).
         dispatcher: default :class:`SortDispatcher` (every expert local).
+        kernels: ``--moe-kernels``, ``auto``, ``triton`` or ``torch`` (see
+            :meth:`uses_fused_kernels`); a plain attribute, settable later.
     """
 
-    def __init__(self, router: Router, experts: ExpertBank, dispatcher=None):
+    def __init__(self, router: Router, experts: ExpertBank, dispatcher=None,
+                 kernels: str = "auto"):
         super().__init__()
         dispatcher = dispatcher or SortDispatcher(router.num_experts)
         if dispatcher.num_experts != router.num_experts:
@@ -148,6 +155,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
         self.stats: Optional[MoEStats] = None
         self.padding = "auto"  # see routes_padded_batch
+        self.kernels = kernels  # see uses_fused_kernels
         # Set by the criterion when --moe-similarity-loss-wt > 0: the layer then adds
         # losses["similarity"] (first pass, a bounded token sample; see similarity_loss.py).
         self.similarity: Optional[SimilarityLoss] = None
@@ -249,6 +257,57 @@ class MoELayer(nn.Module):
             return False
         return self.padding == "mask" or (self.padding == "auto" and x.is_cuda)
 
+    def fused_path_blocker(self, x: Tensor) -> Optional[str]:
+        """Why the fused kernels cannot compute this layer's experts on tokens like
+        ``x`` (None: they can), as a phrase for an error message.
+
+        They need every expert in this process (the :class:`SortDispatcher`: an
+        expert-parallel dispatcher moves rows between ranks), an expert bank that
+        offers them (:meth:`ExpertBank.fused_unsupported`), and kernels that run on
+        x's device and dtype (``moe_fairseq.kernels.unavailable_reason``).
+        """
+        if not isinstance(self.dispatcher, SortDispatcher):
+            return (f"its experts are not all in this process ({type(self.dispatcher).__name__} "
+                    "moves rows between ranks)")
+        unsupported = getattr(self.experts, "fused_unsupported", None)
+        if unsupported is None:
+            return f"its expert bank ({type(self.experts).__name__}) has no fused path"
+        reason = unsupported()
+        if reason is not None:
+            return reason
+        from .. import kernels  # Triton is imported only to check a real device
+
+        return kernels.unavailable_reason(x.device, x.dtype)
+
+    def uses_fused_kernels(self, x: Tensor) -> bool:
+        """Whether this forward runs dispatch + experts + combine as the fused Triton
+        kernels, by ``self.kernels`` (``--moe-kernels``):
+
+        - ``torch``: never (the PyTorch path: gather, grouped GEMMs, combine);
+        - ``auto``: on CUDA tensors in fp16 / bf16 when :meth:`fused_path_blocker` finds
+          nothing. fp32 keeps the PyTorch path (the kernels' fp32 dots are exact,
+          slow), and so does the CPU, whose results stay bit-identical;
+        - ``triton``: always, fp32 included; a :class:`MoEConfigError` naming the flag
+          and the reason when the kernels cannot run here (CPU tensors need
+          ``TRITON_INTERPRET=1``; ``meta`` tensors run their shape functions).
+        """
+        mode = self.kernels
+        if mode == "torch":
+            return False
+        if mode == "auto":
+            # Cheap tests first: on CPU auto never looks for Triton.
+            return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                    and self.fused_path_blocker(x) is None)
+        if mode == "triton":
+            reason = self.fused_path_blocker(x)
+            if reason is not None:
+                raise MoEConfigError(f"--moe-kernels triton cannot run this MoE layer on "
+                                     f"{x.device.type} {x.dtype} tokens: {reason}; use "
+                                     "--moe-kernels auto (a checkpoint trained with triton: "
+                                     "--model-overrides \"{'moe_kernels': 'auto'}\")")
+            return True
+        raise MoEConfigError(f"--moe-kernels must be one of {list(KERNEL_CHOICES)}, got {mode!r}")
+
     def _route_and_compute(self, tokens: Tensor, stream: Optional[Tensor] = None,
                            dropout: Optional[nn.Module] = None,
                            token_mask: Optional[Tensor] = None) -> Tensor:
@@ -290,6 +349,7 @@ class MoELayer(nn.Module):
         losses: Dict[str, list] = {}
         similarity: Optional[Tensor] = None
         routed_passes = 0  # passes with at least one token: the losses' denominator
+        fused = self.uses_fused_kernels(tokens)
         for pass_index in range(P):
             if pass_index == 0:
                 pos, h, s = None, tokens, stream
@@ -303,9 +363,12 @@ class MoELayer(nn.Module):
                 h = self.router.pass_input(s, pass_index)
             routing = self.router(h, pass_index, token_mask=token_mask)
             plan = self.dispatcher.plan(routing)
-            rows, local_sizes = self.dispatcher.dispatch(h, plan)
-            rows = self.experts(rows, local_sizes)
-            y = self.dispatcher.combine(rows, plan)  # [T_pass, d]
+            if fused:
+                y = self.experts.fused_ffn(h, plan)  # [T_pass, d]
+            else:
+                rows, local_sizes = self.dispatcher.dispatch(h, plan)
+                rows = self.experts(rows, local_sizes)
+                y = self.dispatcher.combine(rows, plan)  # [T_pass, d]
             if plan.input_weight is not None:
                 # Output mixing: the token's own vector fills the unused gate mass.
                 y = y + plan.input_weight.to(y.dtype).unsqueeze(1) * h
@@ -369,8 +432,10 @@ def build_moe_layer(
                        sublayers=options.expert_sublayers)
     if world == 1:
         experts = ExpertBank(options.expert_count, embed_dim, ffn_dim, **bank_kwargs)
-        return MoELayer(router, experts)
+        return MoELayer(router, experts, kernels=options.kernels)
     experts = build_local_expert_bank(options.expert_count, embed_dim, ffn_dim, rank, world,
                                       **bank_kwargs)
     scale_expert_grads(experts.parameters(), world)
-    return MoELayer(router, experts, AllToAllDispatcher(options.expert_count, group))
+    # --moe-kernels auto falls back to the PyTorch path here (see fused_path_blocker).
+    return MoELayer(router, experts, AllToAllDispatcher(options.expert_count, group),
+                    kernels=options.kernels)

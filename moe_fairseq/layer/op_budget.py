@@ -35,14 +35,18 @@ passes), fused epilogues of cuBLAS, and the host-side cost of each launch.
 
 Only what goes through the dispatcher is seen: a kernel launched straight from Python
 (a Triton kernel called inside an ``autograd.Function``) is invisible, and cannot run
-on meta tensors anyway. A fused path is counted once its kernels are registered as
-``torch.library`` custom ops with fake (meta) implementations; list its GEMM-like ops
-in ``GEMM_OPS`` by qualified name (``"moe::gather_ffn1"``), and everything else it
-dispatches is a launch like any other.
+on meta tensors anyway. The fused path's kernels (``moe_fairseq/kernels/ops.py``) are
+``torch.library`` custom ops with meta implementations, one op per Triton launch,
+listed in ``FUSED_GEMM_OPS`` by qualified name (``"moe_fairseq::gather_ffn1"``): each
+counts as one GEMM (flops of its grouped product over the dispatched rows), and its
+meta implementation runs with the mode active, so the torch ops around its kernel (a
+slot stack's zero fill, the sum over a token's slots) are launches like any other (on
+meta tensors only: elsewhere the op's real implementation runs unseen inside; it is
+the same code as the meta one, less the launch).
 
 Entry points: :func:`layer_budget` (the linear top-k MoE layer, forced onto its CUDA
-path), :func:`dense_ffn_budget` (the dense FFN of equal active FLOPs) and
-:func:`measure` (any forward + backward callable).
+path; ``kernels="triton"``: its fused path), :func:`dense_ffn_budget` (the dense FFN
+of equal active FLOPs) and :func:`measure` (any forward + backward callable).
 """
 
 import linecache
@@ -64,10 +68,18 @@ GiB = float(1 << 30)
 # The package whose frames name an op's call site.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The fused path's custom ops (moe_fairseq/kernels/ops.py: OP_NAMES), one Triton launch
+# each, every one a grouped GEMM over the dispatched rows with its gather, scatter,
+# bias, activation, gate and mask fused in.
+FUSED_GEMM_OPS = frozenset({
+    "moe_fairseq::gather_ffn1", "moe_fairseq::ffn2_combine", "moe_fairseq::ffn1_dx",
+    "moe_fairseq::ffn1_dw", "moe_fairseq::ffn2_dh", "moe_fairseq::ffn2_dw",
+})
+
 GEMM_OPS = frozenset({
     "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_grouped_mm", "_scaled_mm",
     "_scaled_grouped_mm", "addmv", "mv", "dot", "linear", "_addmm_activation",
-})
+}) | FUSED_GEMM_OPS
 
 # Not launches. Views are caught by OpOverload.is_view (t, transpose, expand, slice,
 # select, unsqueeze, view, as_strided, alias, ...): they only write a tensor header on
@@ -359,6 +371,11 @@ def op_bytes(func, args, kwargs, outputs: Sequence[Tensor], device: Optional[str
 def gemm_flops(func, args, outputs: Sequence[Tensor]) -> int:
     """Multiply-adds x 2 of a GEMM from its operand shapes."""
     name = func._opname
+    if func.name() in FUSED_GEMM_OPS:
+        # [N, a] x [a, b] per expert over the N dispatched rows; [E, a, b] is the expert
+        # matrix or its gradient, the op's only 3-dim tensor.
+        mat = next(t for t in _tensors((args, outputs)) if t.dim() == 3)
+        return 2 * _arg(func, args, {}, "slot").numel() * mat.shape[1] * mat.shape[2]
     out = outputs[0]
     if name in ("addmm", "baddbmm", "addbmm", "addmv", "_addmm_activation"):
         a = args[1]
@@ -552,6 +569,15 @@ class OpCounter(TorchDispatchMode):
                 record.kind = "launch"
                 if out is None:
                     out = func(*args, **kwargs)
+        elif func.name() in FUSED_GEMM_OPS and self.device == "meta":
+            # The fused op's meta implementation with this mode active: the torch ops
+            # around its kernel are launches of their own (the op stays one GEMM).
+            self._depth += 1
+            try:
+                with self:
+                    out = func._op_dk(DispatchKey.Meta, *args, **kwargs)
+            finally:
+                self._depth -= 1
         else:
             out = func(*args, **kwargs)
         outputs = _unique(_tensors(out))
@@ -589,12 +615,15 @@ BALANCE_WT, Z_WT = 0.01, 0.001  # as scripts/bench_moe_layer.py weighs the route
 
 def build_cuda_path_layer(experts: int, dim: int, ffn: int, top_k: int = 2,
                           capacity_factor: float = 1.25, dtype: torch.dtype = torch.bfloat16,
-                          second_expert_policy: str = "all", device: str = "meta"):
+                          second_expert_policy: str = "all", device: str = "meta",
+                          kernels: str = "torch"):
     """The linear top-k MoE layer as it runs on CUDA, built on ``device``.
 
     Forced onto the CUDA code path: the dispatcher's ``static`` layout and the expert
     bank's grouped GEMMs (its ``use_grouped_mm`` probe would run a real GEMM).
     The whole layer in ``dtype`` (fairseq's ``--bf16``); the router computes in fp32.
+    ``kernels``: the layer's ``--moe-kernels``; ``triton`` = the fused path (on meta
+    tensors its ops' meta implementations run; elsewhere the kernels must be available).
     """
     from .dispatcher import SortDispatcher
     from .expert_bank import ExpertBank
@@ -605,7 +634,8 @@ def build_cuda_path_layer(experts: int, dim: int, ffn: int, top_k: int = 2,
         router = TopKRouter(dim, experts, top_k=top_k, capacity_factor=capacity_factor,
                             second_expert_policy=second_expert_policy)
         bank = ExpertBank(experts, dim, ffn, activation_fn="relu")
-        layer = MoELayer(router, bank, SortDispatcher(experts, layout="static"))
+        layer = MoELayer(router, bank, SortDispatcher(experts, layout="static"),
+                         kernels=kernels)
     layer = layer.to(dtype).train()
     # As on CUDA for a supported dtype; empty batches keep the loop path (as the bank does).
     bank.use_grouped_mm = lambda rows: rows.size(0) > 0
@@ -615,17 +645,18 @@ def build_cuda_path_layer(experts: int, dim: int, ffn: int, top_k: int = 2,
 def layer_budget(experts: int = 16, tokens: int = 16384, dim: int = 1024, ffn: int = 4096,
                  top_k: int = 2, capacity_factor: float = 1.25,
                  dtype: torch.dtype = torch.bfloat16, padded: bool = False,
-                 second_expert_policy: str = "all", device: str = "meta") -> Budget:
+                 second_expert_policy: str = "all", device: str = "meta",
+                 kernels: str = "torch") -> Budget:
     """Budget of one training forward + backward of the MoE layer's CUDA path.
 
     As ``scripts/bench_moe_layer.py`` times it: ``x [tokens, dim]`` requiring grad, the
     output's gradient given, the balance and z losses back-propagated with their
     weights. ``padded``: the transformer's call, with a ``padding_mask`` (all False,
     so shapes are those of ``tokens`` tokens), routed masked as on CUDA.
-    ``capacity_factor`` 0 is dropless.
+    ``capacity_factor`` 0 is dropless. ``kernels="triton"``: the fused path.
     """
     layer = build_cuda_path_layer(experts, dim, ffn, top_k, capacity_factor, dtype,
-                                  second_expert_policy, device)
+                                  second_expert_policy, device, kernels)
     x = torch.empty(tokens, dim, device=device, dtype=dtype).requires_grad_(True)
     grad = torch.empty(tokens, dim, device=device, dtype=dtype)
     mask = None
@@ -642,7 +673,8 @@ def layer_budget(experts: int = 16, tokens: int = 16384, dim: int = 1024, ffn: i
 
     cf = "dropless" if capacity_factor == 0 else f"cf {capacity_factor:g}"
     label = (f"MoE E{experts} top-{top_k} {cf} T={tokens} d={dim} f={ffn} "
-             f"{str(dtype).replace('torch.', '')}{' padded' if padded else ''}")
+             f"{str(dtype).replace('torch.', '')}{' padded' if padded else ''}"
+             f"{' fused' if kernels == 'triton' else ''}")
     return measure(step, device, label)
 
 
