@@ -4,7 +4,7 @@
 #   make test       run the test suite (PYTEST_ARGS="-k foo" to pass arguments)
 #   make demo       the main job: Bible m4 subset, tiny dense vs MoE vs SMoE on CPU, BLEU/chrF table
 #   make bench      CPU micro-benchmark of the MoE layer
-#   make gpu-check  on a CUDA machine: gpu tests, fp16/bf16 training, H100 benchmarks (~3 min)
+#   make gpu-check  on a CUDA machine: gpu tests, fp16/bf16 training, layer and decoding benchmarks (<= ~5 min)
 #   make gpu-compare  dense vs MoE vs SMoE vs MoEC, same training time each, Bible m4, BLEU/chrF
 #                   (base models on CUDA, tiny on CPU; GPU_COMPARE_ARGS="--data DIR ..." passes flags)
 #   make specialization  the FashionMNIST expert-specialization study (arXiv 2302.14703), 3 seeds,

@@ -106,6 +106,18 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="auto", choices=("auto", "loop"), help="ExpertBank path")
     p.add_argument("--bias-impl", default="matmul", choices=("matmul", "repeat"),
                    help="grouped path: per-row expert biases by a one-hot GEMM or repeat_interleave")
+    p.add_argument("--kernels", default="torch", choices=("torch", "triton", "both"),
+                   help="the layer's expert path (--moe-kernels): today's PyTorch path, the "
+                        "fused Triton path, or both timed in the same interleaved run")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the bare reference: top-k, sort, gather, torch._grouped_mm, "
+                        "relu, torch._grouped_mm, index_add (no capacity, biases, losses)")
+    p.add_argument("--sync-check", action="store_true",
+                   help="CUDA: run one step of each MoE path under "
+                        "torch.cuda.set_sync_debug_mode('error') and report host syncs")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="CUDA: count the kernels one fwd+bwd step of each path launches "
+                        "(torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table")
     p.add_argument("--no-phases", action="store_true", help="skip the instrumented phase pass")
@@ -192,6 +204,67 @@ def dense_step(dense, x, g):
     (out * g).sum().backward()
 
 
+def set_kernels(moe, mode: str) -> None:
+    """Select the layer's expert path, as --moe-kernels does."""
+    moe.kernels = mode
+
+
+class BareReference(nn.Module):
+    """The simplest sort-based MoE on the same shapes and weights: top-k of the router's
+    softmax, a sort by expert, a gather, two ``torch._grouped_mm`` around a relu, and an
+    index_add of the gated rows. No capacity, no biases, no losses, no statistics: the
+    floor a full layer is measured against."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        router, bank = self.moe.router, self.moe.experts
+        E, k, T = bank.num_experts, router.top_k, x.size(0)
+        probs = (x @ router.wg.weight.t().to(x.dtype)).float().softmax(-1)
+        gates, index = probs.topk(k, dim=-1)
+        flat = index.reshape(-1)
+        order = flat.argsort()
+        token = order // k
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        h = torch.relu(torch._grouped_mm(x[token], bank.w1, offs=offs))
+        y = torch._grouped_mm(h, bank.w2, offs=offs)
+        y = y * gates.reshape(-1)[order].to(y.dtype).unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, token, y)
+
+
+def bare_step(bare, x, g):
+    (bare(x) * g).sum().backward()
+
+
+def host_syncs(step) -> str:
+    """'none', or the first host sync CUDA's sync debug mode reports in ``step()``."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+def kernels_per_step(step) -> int:
+    """CUDA kernels one ``step()`` launches (profiler events on the device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
 def phase_pass(moe, x, g, timer):
     """One instrumented MoE forward (library pieces called directly) + backward -> ms per phase."""
     t = {}
@@ -235,29 +308,54 @@ def main(argv=None):
     timer = Timer(device)
     path = "grouped_mm" if moe.experts.use_grouped_mm(x) else "loop"  # probes once, untimed
 
-    def run_moe():
-        moe_step(moe, x, g)
+    paths = {"torch": ["torch"], "triton": ["triton"], "both": ["torch", "triton"]}[args.kernels]
+
+    def moe_runner(mode):
+        def run():
+            set_kernels(moe, mode)
+            moe_step(moe, x, g)
+        return run
 
     def run_dense():
         dense_step(dense, x, g)
+
+    bare = BareReference(moe) if args.reference else None
+    contenders = {f"MoE ({mode})" if len(paths) > 1 else "MoE": moe_runner(mode) for mode in paths}
+    contenders["dense"] = run_dense
+    if bare is not None:
+        contenders["bare sort+grouped_mm"] = lambda: bare_step(bare, x, g)
 
     def reset():
         x.grad = None
         zero_grads(moe, dense)
 
     for _ in range(args.warmup):
-        run_moe()
-        reset()
-        run_dense()
-        reset()
+        for fn in contenders.values():
+            fn()
+            reset()
     timer.sync()
 
-    moe_ms, dense_ms = [], []
+    samples = {name: [] for name in contenders}
+    names = list(contenders)
     for i in range(args.repeats):
-        order = ((moe_ms, run_moe), (dense_ms, run_dense))
-        for bucket, fn in order if i % 2 == 0 else order[::-1]:
-            bucket.append(timer(fn))
+        # the order rotates every repetition: load from other processes hits all alike
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            samples[name].append(timer(contenders[name]))
             reset()
+    moe_name = names[len(paths) - 1]  # the last MoE path given: the one the ratio is of
+    moe_ms, dense_ms = samples[moe_name], samples["dense"]
+    diagnostics = {}
+    if device.type == "cuda" and (args.sync_check or args.count_kernels):
+        for name, fn in contenders.items():
+            d = {}
+            if args.sync_check and name.startswith("MoE"):
+                d["host_syncs"] = host_syncs(fn)
+                reset()
+            if args.count_kernels:
+                d["kernels"] = kernels_per_step(fn)
+                reset()
+            diagnostics[name] = d
+    set_kernels(moe, paths[-1])
 
     # Routing statistics of the (deterministic unless policy != all) routing.
     with torch.no_grad():
@@ -312,8 +410,15 @@ def main(argv=None):
     print(f"repeats={args.repeats} warmup={args.warmup} (MoE/dense interleaved, order alternating)")
     print()
     print(f"{'fwd+bwd':<22}{'median ms':>10}    spread")
-    print(f"{'MoE':<22}{moe_med:>10.2f}    {spread(moe_ms)}")
-    print(f"{'dense':<22}{dense_med:>10.2f}    {spread(dense_ms)}")
+    for name, v in samples.items():
+        extra = "".join(f"  {k}={val}" for k, val in diagnostics.get(name, {}).items())
+        print(f"{name:<22}{statistics.median(v):>10.2f}    {spread(v)}{extra}")
+    if len(paths) > 1:
+        torch_med = statistics.median(samples["MoE (torch)"])
+        print(f"ratio_torch_vs_dense={torch_med / dense_med:.3f}")
+        print(f"speedup_triton_vs_torch={torch_med / moe_med:.3f}")
+    if bare is not None:
+        print(f"ratio_bare_vs_dense={statistics.median(samples['bare sort+grouped_mm']) / dense_med:.3f}")
     if phases:
         print()
         print("MoE phases (instrumented pass, synced between pieces, medians)")
@@ -331,7 +436,7 @@ def main(argv=None):
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(5):
-                run_moe()
+                contenders[moe_name]()
                 reset()
             timer.sync()
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

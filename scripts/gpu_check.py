@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """One prepared check of everything GPU-specific (``make gpu-check``), for the few
-minutes a lent GPU is available. On a CUDA machine, in about 3 minutes:
+minutes a lent GPU is available. On a CUDA machine, in at most about 5 minutes:
 
 1. the tests marked ``gpu`` (``tests/test_gpu.py``): the layer on CUDA against the
    fp64 CPU reference for every router in fp32/fp16/bf16, grouped vs loop expert
@@ -8,8 +8,12 @@ minutes a lent GPU is available. On a CUDA machine, in about 3 minutes:
 2. tiny MoE, MoEC and SMoE models trained for 50 updates with ``--fp16`` and with
    ``--bf16`` on a toy task, then decoded;
 3. ``scripts/bench_moe_layer.py`` at the reference shapes (bf16, d=1024, ffn=4096;
-   16 experts x 16,384 tokens and 64 experts x 32,768 tokens; top-1, top-2 and
-   dropless top-2), printing ``ratio_vs_dense`` against the issue's targets;
+   E16 top-2 capacity 1.25 and dropless at 16,384 tokens, E64 top-2 at 32,768), timing
+   interleaved in one run today's path, the fused Triton path (``--moe-kernels``), the
+   dense FFN and the bare sort + ``_grouped_mm`` reference; host syncs under
+   ``torch.cuda.set_sync_debug_mode("error")`` and CUDA kernels per step (profiler);
+   then ``scripts/bench_decode.py``: base MoE vs dense base decoding tokens/s (beam 4,
+   batch 64); each against the issue's targets;
 4. the all-to-all dispatcher through NCCL (world size 1) and a 2-process gloo run
    with CUDA tensors (tests of step 1, reported here);
 5. one summary table, also written to ``OUT/summary.md`` and ``summary.json``.
@@ -35,17 +39,18 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 # (label, experts, tokens, top-k, capacity factor (0 = dropless), target
-# ratio_vs_dense from the issue where it sets one, extra bench flags).
+# ratio_vs_dense of the fused path (issue 25)). Every case times, interleaved in one
+# run: today's path (--kernels torch), the fused Triton path, the dense FFN and the bare
+# sort + _grouped_mm reference; checks host syncs and counts kernels per step.
 BENCHES = [
-    ("E16 top2 cf1.25", 16, 16384, 2, 1.25, 1.10, ["--profile"]),
-    ("E16 top1 cf1.25", 16, 16384, 1, 1.25, None, []),
-    ("E16 top2 dropless", 16, 16384, 2, 0.0, 1.15, []),
-    ("E64 top2 cf1.25", 64, 32768, 2, 1.25, 1.25, []),
-    ("E64 top1 cf1.25", 64, 32768, 1, 1.25, None, []),
-    ("E64 top2 dropless", 64, 32768, 2, 0.0, 1.15, []),
-    # A/B of the expert biases: the earlier repeat_interleave way
-    ("E16 top2 cf1.25 bias=repeat", 16, 16384, 2, 1.25, None, ["--bias-impl", "repeat"]),
+    ("E16 top2 cf1.25", 16, 16384, 2, 1.25, 1.15),
+    ("E16 top2 dropless", 16, 16384, 2, 0.0, 1.15),
+    ("E64 top2 cf1.25", 64, 32768, 2, 1.25, 1.25),
 ]
+BENCH_FLAGS = ["--kernels", "both", "--reference", "--sync-check", "--count-kernels",
+               "--no-phases"]
+# MoE-base decoding at least 0.8x the dense base model's tokens/s (issue 25).
+DECODE_TARGET = 0.8
 TRAIN_ARCHS = ("moe_transformer_tiny", "moec_transformer_tiny", "smoe_transformer_tiny")
 
 
@@ -78,7 +83,7 @@ def run(cmd, log_file: Path, timeout: float):
 
 def run_tests(out: Path, timeout: float):
     xml = out / "gpu_tests.xml"
-    rc, secs = run([PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-rs",
+    rc, secs = run([PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "tests/test_fused_layer.py", "-rs",
                     "-p", "no:cacheprovider", f"--junitxml={xml}"], out / "gpu_tests.log", timeout)
     cases = []
     if xml.exists():
@@ -184,32 +189,66 @@ def train_and_decode(out: Path, timeout: float):
 # ------------------------------------------------------------------ 3: benchmark
 
 
-def run_benches(out: Path, timeout_each: float):
+def _contenders(text: str) -> dict:
+    """name -> {ms, kernels, host_syncs} from bench_moe_layer.py's timing table, whose
+    rows read ``NAME  MEDIAN  min A  max B[  key=value ...]``."""
+    found = {}
+    for m in re.finditer(r"^(MoE(?: \((?:torch|triton)\))?|dense|bare sort\+grouped_mm)\s+"
+                         r"([0-9.]+)\s+min\s+\S+\s+max\s+\S+(.*)$", text, re.M):
+        row = {"ms": float(m.group(2)), "kernels": None, "host_syncs": None}
+        for item in filter(None, (i.strip() for i in m.group(3).split("  "))):
+            key, _, value = item.partition("=")
+            row[key] = int(value) if key == "kernels" else value
+        found[m.group(1)] = row
+    return found
+
+
+def _number(pattern: str, text: str):
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def run_benches(out: Path, timeout_first: float, timeout_each: float):
     rows = []
-    for label, E, T, k, cf, target, extra in BENCHES:
+    for i, (label, E, T, k, cf, target) in enumerate(BENCHES):
         logf = out / f"bench_{re.sub(r'[^A-Za-z0-9.]+', '_', label)}.log"
         cmd = [PY, "scripts/bench_moe_layer.py", "--device", "cuda", "--dtype", "bfloat16",
                "--tokens", T, "--embed-dim", 1024, "--ffn-dim", 4096, "--experts", E,
-               "--top-k", k, "--capacity-factor", cf, "--repeats", 20, "--warmup", 5, *extra]
-        rc, secs = run(cmd, logf, timeout_each)
+               "--top-k", k, "--capacity-factor", cf, "--repeats", 20, "--warmup", 5,
+               *BENCH_FLAGS]
+        # the first case also compiles the Triton kernels
+        rc, secs = run(cmd, logf, timeout_first if i == 0 else timeout_each)
         text = logf.read_text(errors="replace")
-        ratio = re.search(r"ratio_vs_dense=([0-9.]+)", text)
-        moe = re.search(r"^MoE\s+([0-9.]+)", text, re.M)
-        dense = re.search(r"^dense\s+([0-9.]+)", text, re.M)
-        path = re.search(r"expert_bank_path=(\w+)", text)
-        overflow = re.search(r"overflow_fraction=([0-9.]+)", text)
         rows.append({
             "label": label, "rc": rc, "seconds": secs, "target": target,
-            "ratio_vs_dense": float(ratio.group(1)) if ratio else None,
-            "moe_ms": float(moe.group(1)) if moe else None,
-            "dense_ms": float(dense.group(1)) if dense else None,
-            "path": path.group(1) if path else None,
-            "overflow": float(overflow.group(1)) if overflow else None,
+            "contenders": _contenders(text),
+            "ratio_vs_dense": _number(r"(?m)^ratio_vs_dense=([0-9.]+)", text),
+            "ratio_torch_vs_dense": _number(r"ratio_torch_vs_dense=([0-9.]+)", text),
+            "ratio_bare_vs_dense": _number(r"ratio_bare_vs_dense=([0-9.]+)", text),
+            "speedup": _number(r"speedup_triton_vs_torch=([0-9.]+)", text),
+            "overflow": _number(r"overflow_fraction=([0-9.]+)", text),
             "tail": "" if rc == 0 else text[-1500:],
         })
-        log(f"  {label}: ratio_vs_dense={rows[-1]['ratio_vs_dense']} "
-            f"(MoE {rows[-1]['moe_ms']} ms, dense {rows[-1]['dense_ms']} ms, {rows[-1]['path']})")
+        r = rows[-1]
+        log(f"  {label}: fused {r['ratio_vs_dense']} x dense (today's path "
+            f"{r['ratio_torch_vs_dense']}, bare {r['ratio_bare_vs_dense']}), fused/today "
+            f"speed-up {r['speedup']}")
     return rows
+
+
+def run_decode(out: Path, timeout: float):
+    """MoE-base vs dense-base decoding tokens/s (beam 4, batch 64, bf16)."""
+    logf = out / "bench_decode.log"
+    cmd = [PY, "scripts/bench_decode.py", "--device", "cuda", "--dtype", "bfloat16",
+           "--batch", 64, "--beam", 4, "--src-len", 32, "--length", 32, "--repeats", 3]
+    rc, secs = run(cmd, logf, timeout)
+    text = logf.read_text(errors="replace")
+    rate = dict(re.findall(r"^(moe|dense)\s+median [0-9.]+ s per batch, ([0-9,]+) target", text,
+                           re.M))
+    return {"rc": rc, "seconds": secs,
+            "ratio": _number(r"decode_ratio_vs_dense=([0-9.]+)", text),
+            "moe_tokens_s": rate.get("moe"), "dense_tokens_s": rate.get("dense"),
+            "tail": "" if rc == 0 else text[-1500:]}
 
 
 # ------------------------------------------------------------------ summary
@@ -244,15 +283,34 @@ def summarize(report: dict) -> str:
     benches = report.get("bench")
     if benches:
         lines += ["## 3. MoE layer vs dense FFN, bf16 fwd+bwd, d=1024 ffn=4096", "",
-                  "| case | MoE ms | dense ms | ratio_vs_dense | target | expert path | overflow |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| case | today ms | fused ms | dense ms | bare ms | fused / dense | target | "
+                  "today / dense | fused speed-up | kernels today / fused / dense | host syncs "
+                  "today / fused | overflow |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for b in benches:
+            c = b["contenders"]
+            get = lambda name, key: (c.get(name) or {}).get(key, "-")  # noqa: E731
             ratio = b["ratio_vs_dense"]
-            verdict = "" if b["target"] is None or ratio is None else (
-                " (met)" if ratio <= b["target"] else " (MISSED)")
-            lines.append(f"| {b['label']} | {b['moe_ms']} | {b['dense_ms']} | {ratio}{verdict} | "
-                         f"{b['target'] or '-'} | {b['path']} | {b['overflow']} |")
+            verdict = "" if ratio is None else (" (met)" if ratio <= b["target"] else " (MISSED)")
+            lines.append(
+                f"| {b['label']} | {get('MoE (torch)', 'ms')} | {get('MoE (triton)', 'ms')} | "
+                f"{get('dense', 'ms')} | {get('bare sort+grouped_mm', 'ms')} | {ratio}{verdict} | "
+                f"{b['target']} | {b['ratio_torch_vs_dense']} | {b['speedup']} (target 1.9) | "
+                f"{get('MoE (torch)', 'kernels')} / {get('MoE (triton)', 'kernels')} / "
+                f"{get('dense', 'kernels')} | {get('MoE (torch)', 'host_syncs')} / "
+                f"{get('MoE (triton)', 'host_syncs')} | {b['overflow']} |")
+            if b["rc"] != 0:
+                lines.append(f"|  rc {b['rc']}: {b['tail'][-300:]!r} |")
         lines.append("")
+    decode = report.get("decode")
+    if decode:
+        ratio = decode["ratio"]
+        verdict = "" if ratio is None else (" (met)" if ratio >= DECODE_TARGET else " (MISSED)")
+        lines += ["## 3b. decoding, base MoE (8 experts, every 2nd layer) vs dense base, bf16, "
+                  "beam 4, batch 64", "",
+                  f"MoE {decode['moe_tokens_s']} tokens/s, dense {decode['dense_tokens_s']} "
+                  f"tokens/s: ratio {ratio}{verdict} (target >= {DECODE_TARGET}), "
+                  f"rc {decode['rc']}", ""]
     if tests:
         lines += ["## 4. all-to-all dispatcher on the device", ""]
         for c in tests["cases"]:
@@ -281,7 +339,7 @@ def main(argv=None):
     if not cuda:
         log("gpu-check: no GPU present (torch.cuda.is_available() is False): nothing to "
             "measure here. The gpu tests skip with their reason:")
-        rc, _ = run([PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-rs",
+        rc, _ = run([PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "tests/test_fused_layer.py", "-rs",
                      "-p", "no:cacheprovider"], out / "gpu_tests.log", 600)
         log((out / "gpu_tests.log").read_text(errors="replace").strip().splitlines()[-1])
         for line in (out / "gpu_tests.log").read_text(errors="replace").splitlines():
@@ -290,15 +348,17 @@ def main(argv=None):
         return 0 if rc == 0 else 1
     log(f"gpu-check on {report['device']}, torch {torch.__version__}; logs in {out}")
     log("[1/4] gpu tests ...")
-    report["tests"] = run_tests(out, timeout=200)
+    report["tests"] = run_tests(out, timeout=90)
     log(f"      {sum(c['status'] == 'passed' for c in report['tests']['cases'])} passed "
         f"in {report['tests']['seconds']:.0f} s")
     if not args.skip_train:
         log("[2/4] tiny MoE / MoEC / SMoE, --fp16 and --bf16, 50 updates, then decoding ...")
-        report["train"] = train_and_decode(out, timeout=180)
+        report["train"] = train_and_decode(out, timeout=75)
     if not args.skip_bench:
-        log("[3/4] bench_moe_layer.py at the reference shapes (bf16) ...")
-        report["bench"] = run_benches(out, timeout_each=90)
+        log("[3/4] bench_moe_layer.py at the reference shapes (bf16): today's path, the fused "
+            "path, dense, bare reference; then decoding ...")
+        report["bench"] = run_benches(out, timeout_first=90, timeout_each=45)
+        report["decode"] = run_decode(out, timeout=60)
     log("[4/4] all-to-all: see the tests of step 1")
     report["seconds"] = time.time() - t0
     text = summarize(report)
