@@ -149,20 +149,29 @@ def resume_checkpoint_path(args) -> Optional[str]:
     return path
 
 
-def read_model_args(path: str) -> Optional[argparse.Namespace]:
-    """The model namespace a checkpoint records (weights-only, memory-mapped: the
-    tensors are not read), stamped with its version; None if it records none."""
-    from .fairseq_fixes.checkpoint_compat import load_plain_state, restore_namespaces
+def model_namespace(state) -> Optional[argparse.Namespace]:
+    """The model namespace a checkpoint's contents record (``cfg.model``, else the
+    legacy ``args``), stamped with its version; None if they record none."""
+    from .fairseq_fixes.checkpoint_compat import restore_namespaces
 
-    state = load_plain_state(path)
-    model = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
-    if model is None and isinstance(state, dict):
+    if not isinstance(state, dict):
+        return None
+    model = (state.get("cfg") or {}).get("model")
+    if model is None:
         model = state.get("args")
     model = restore_namespaces(model) if isinstance(model, dict) else model
     if not isinstance(model, argparse.Namespace):
         return None
     stamp_checkpoint_args(model)
     return model
+
+
+def read_model_args(path: str) -> Optional[argparse.Namespace]:
+    """The model namespace a checkpoint records (weights-only, memory-mapped: the
+    tensors are not read), stamped with its version; None if it records none."""
+    from .fairseq_fixes.checkpoint_compat import load_plain_state
+
+    return model_namespace(load_plain_state(path))
 
 
 def adopt_resumed_rules(args: argparse.Namespace) -> bool:
@@ -241,18 +250,16 @@ def adopt_converted_model(args: argparse.Namespace) -> bool:
     if not path or resume_checkpoint_path(args) is not None or "://" in path \
             or not os.path.isfile(path):
         return False
-    from .fairseq_fixes.checkpoint_compat import load_plain_state, restore_namespaces
+    from .fairseq_fixes.checkpoint_compat import load_plain_state
 
     try:
         state = load_plain_state(path)
     except Exception:  # noqa: BLE001 - fairseq's own load reports an unreadable file by name
         return False
     tool = converted_by(state)
-    model = (state.get("cfg") or {}).get("model") if tool else None
-    model = restore_namespaces(model) if isinstance(model, dict) else model
-    if not isinstance(model, argparse.Namespace):
+    model = model_namespace(state) if tool else None
+    if model is None:
         return False
-    stamp_checkpoint_args(model)
     taken = []
     for name in sorted(_model_flag_names(args.arch) | {ARGS_VERSION_KEY}):
         if name in vars(model) and getattr(args, name, None) is None:

@@ -139,12 +139,7 @@ def main(argv=None) -> int:
 
     from moe_fairseq.atomic_files import exit_on_sigterm
     from moe_fairseq.conversion.checkpoint_output import save_checkpoint
-    from moe_fairseq.conversion.upcycling import (
-        UpcyclingError,
-        describe_rules,
-        exactness_problems,
-        upcycle,
-    )
+    from moe_fairseq.conversion.upcycling import describe_rules, exactness_problems, upcycle
 
     overrides = {"data": args.data} if args.data else {}
     state = checkpoint_utils.load_checkpoint_to_cpu(args.dense, overrides)
@@ -152,8 +147,6 @@ def main(argv=None) -> int:
     dense_model_cfg = cfg["model"]
     if isinstance(dense_model_cfg, DictConfig):
         dense_model_cfg = argparse.Namespace(**OmegaConf.to_container(dense_model_cfg))
-    if any(".moe." in k for k in state["model"]):
-        raise UpcyclingError(f"DENSE_CKPT {args.dense} is already an MoE model")
     moe_args = copy.deepcopy(dense_model_cfg)
     for k, v in model_flags(model_flag_parser(), args.model_argv, dense_model_cfg).items():
         setattr(moe_args, k, v)

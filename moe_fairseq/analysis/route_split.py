@@ -62,24 +62,26 @@ def check_data(path: str, data: str) -> None:
     if not os.path.isdir(folder):
         raise RouteSplitError(f"--data {data}: no such folder (give the data-bin the model "
                               "was trained on)")
-    missing = [lang for lang in _recorded_languages(path)
+    languages = _recorded_languages(path)
+    missing = [lang for lang in languages
                if not os.path.isfile(os.path.join(folder, f"dict.{lang}.txt"))]
     if missing:
         raise RouteSplitError(
             f"--data {data} has no dict.{missing[0]}.txt: {path} was trained on the languages "
-            f"{', '.join(_recorded_languages(path))}; give the data-bin it was trained on")
+            f"{', '.join(languages)}; give the data-bin it was trained on")
 
 
 def load_model(path: str, data: Optional[str] = None, device: str = "cpu") -> LoadedModel:
     """A checkpoint's model (eval mode, on ``device``), its config and task."""
     from fairseq import checkpoint_utils
 
+    from ..fairseq_fixes.checkpoint_compat import recorded_updates
+
     if data:
         check_data(path, data)
     overrides = {"data": data} if data else {}
     state = checkpoint_utils.load_checkpoint_to_cpu(path, overrides)
-    history = state.get("optimizer_history") or [{}]
-    num_updates = history[-1].get("num_updates")
+    num_updates = recorded_updates(state)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [path], arg_overrides=overrides, state=state)
     model = models[0].eval()

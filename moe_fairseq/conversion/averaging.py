@@ -34,6 +34,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import OneLineError
+from ..fairseq_fixes.checkpoint_compat import load_plain_state, recorded_updates
 from .checkpoint_output import CheckpointOutputError, check_checkpoint_output
 
 
@@ -55,12 +56,6 @@ def _load(path: str) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise AveragingError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
     return state
-
-
-def _num_updates(state: dict):
-    history = state.get("optimizer_history") or []
-    last = history[-1] if history and isinstance(history[-1], dict) else {}
-    return last.get("num_updates")
 
 
 def average_checkpoints(paths: Sequence[str]) -> dict:
@@ -97,7 +92,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
                 sums[key] = value.clone() if key not in sums else sums[key].add_(value)
         # The order of --inputs says nothing (fairseq's own list is newest first): the
         # newest is the one that trained longest.
-        updates = _num_updates(state)
+        updates = recorded_updates(state)
         if newest is None or (updates or 0) >= (newest_updates or 0):
             newest, newest_path, newest_updates = state, path, updates
     n = len(paths)
@@ -127,10 +122,8 @@ def _number(pattern: str, name: str):
 
 def _updates_of(path: str):
     """The update count a checkpoint records (memory-mapped: its tensors are not read)."""
-    from ..fairseq_fixes.checkpoint_compat import load_plain_state
-
     try:
-        return _num_updates(load_plain_state(path))
+        return recorded_updates(load_plain_state(path))
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is averaged
         return None
 

@@ -45,14 +45,13 @@ def training_state(path: str) -> Optional[str]:
     if TRAINING_NAME.fullmatch(name):
         return f"{name} is a name fairseq-train writes and resumes from"
     try:
-        from ..fairseq_fixes.checkpoint_compat import load_plain_state
+        from ..fairseq_fixes.checkpoint_compat import load_plain_state, recorded_updates
 
         state = load_plain_state(path)
     except Exception:  # noqa: BLE001 - not a readable checkpoint: nothing to resume
         return None
     if isinstance(state, dict) and state.get("last_optimizer_state"):
-        history = state.get("optimizer_history") or [{}]
-        updates = history[-1].get("num_updates") if isinstance(history[-1], dict) else None
+        updates = recorded_updates(state)
         at = f" at update {updates}" if updates is not None else ""
         return f"it holds a training run's optimizer state{at}"
     return None

@@ -31,11 +31,13 @@ import pickle
 import re
 import shutil
 import zipfile
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..args_version import read_model_args, recorded_version, stamp_checkpoint_args
+from ..args_version import (read_model_args, recorded_version, resume_checkpoint_path,
+                            stamp_checkpoint_args)
 from .. import atomic_files
 from . import checkpoint_fit
 from ..atomic_files import write_atomically
@@ -133,6 +135,14 @@ def load_plain_state(path: str):
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
     return torch.load(path, map_location="cpu", weights_only=True,
                       mmap=zipfile.is_zipfile(path))
+
+
+def recorded_updates(state) -> Optional[int]:
+    """The update count a checkpoint's contents record (its last optimizer history
+    entry), or None."""
+    history = (state.get("optimizer_history") if isinstance(state, dict) else None) or []
+    last = history[-1] if history and isinstance(history[-1], dict) else {}
+    return last.get("num_updates")
 
 
 def _is_intact_zip(path: str) -> bool:
@@ -272,17 +282,17 @@ def install() -> None:
     def load_checkpoint(cfg, trainer, **passthrough_args):
         remove_stale_temp_files(cfg.save_dir)
         restore = getattr(cfg, "restore_file", "checkpoint_last.pt")
-        suffix = getattr(cfg, "checkpoint_suffix", "") or ""
-        path, resume = None, True
-        if restore == "checkpoint_last.pt":
-            path = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
-            if not os.path.exists(path) and getattr(cfg, "finetune_from_model", None):
-                path, resume = cfg.finetune_from_model, False  # fairseq fine-tunes
-        elif not PathManager.path_requires_pathmanager(restore):
+        if restore != "checkpoint_last.pt" and not PathManager.path_requires_pathmanager(restore):
+            suffix = getattr(cfg, "checkpoint_suffix", "") or ""
             path = restore.replace(".pt", suffix + ".pt") if suffix else restore
             if not os.path.exists(path):
                 # fairseq would log "No existing checkpoint found" and start from scratch
                 raise CheckpointError(f"--restore-file {path} does not exist")
+        # The file fairseq resumes, picked as it picks it; with none, the one it fine-tunes.
+        path, resume = resume_checkpoint_path(cfg), True
+        if path is None and restore == "checkpoint_last.pt" and getattr(cfg, "finetune_from_model",
+                                                                         None):
+            path, resume = cfg.finetune_from_model, False
         if resume and path is not None:
             checkpoint_fit.check_resumable(path, bool(getattr(cfg, "reset_optimizer", False)))
         try:

@@ -19,7 +19,6 @@ wants exactly that and lets it through; ``--finetune-from-model`` is the way to 
 on from such a file.
 """
 
-import argparse
 import os
 import re
 from typing import List, Optional, Tuple
@@ -153,7 +152,8 @@ def describe_misfit(path: str, text: str, ckpt_args=None, run_args=None,
 def read_header(path: str):
     """(model namespace, whole state) of a checkpoint, memory-mapped; (None, None) if
     it cannot be read."""
-    from .checkpoint_compat import load_plain_state, restore_namespaces
+    from ..args_version import model_namespace
+    from .checkpoint_compat import load_plain_state
 
     try:
         state = load_plain_state(path)
@@ -161,9 +161,7 @@ def read_header(path: str):
         return None, None
     if not isinstance(state, dict):
         return None, None
-    model = (state.get("cfg") or {}).get("model") or state.get("args")
-    model = restore_namespaces(model) if isinstance(model, dict) else model
-    return (model if isinstance(model, argparse.Namespace) else None), state
+    return model_namespace(state), state
 
 
 def checkpoint_settings(path: str, name: str):
@@ -188,13 +186,13 @@ def check_resumable(path: str, reset_optimizer: bool) -> None:
     if reset_optimizer or not os.path.isfile(path):
         return
     from ..args_version import converted_by
+    from .checkpoint_compat import recorded_updates
 
     _, state = read_header(path)
     if state is None or state.get("last_optimizer_state") is not None:
         return
     tool = converted_by(state) or "a tool other than fairseq-train"
-    history = state.get("optimizer_history") or [{}]
-    updates = history[-1].get("num_updates") if isinstance(history[-1], dict) else None
+    updates = recorded_updates(state)
     epoch = ((state.get("extra_state") or {}).get("train_iterator") or {}).get("epoch")
     recorded = f" (it records update {updates}, epoch {epoch})" if updates is not None else ""
     raise CheckpointError(
