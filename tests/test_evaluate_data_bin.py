@@ -252,6 +252,14 @@ def test_sentencepiece_data_bin_references(tmp_path, capsys):
     assert "post-processed as fairseq's --post-process sentencepiece does" in (
         out / "results.md").read_text(encoding="utf-8")
 
+    # Named as the README's data-bin command names it (--spm-model): decoded with it.
+    out = tmp_path / "o2b"
+    proc = evaluate("--data", bare, "--hypotheses", f"raw={hyp}", "--spm-model",
+                    prepared / "spm.model", "--output-dir", out, "--quiet")
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert res["references"]["detokenizer"] == {"spm_model": str(prepared / "spm.model")}
+    assert res["directions"][0]["scores"]["raw"]["bleu"] == pytest.approx(100.0)
+
     # A SentencePiece model of other pieces next to the data is noticed, not used ...
     import sentencepiece as spm
 
