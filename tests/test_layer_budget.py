@@ -212,3 +212,22 @@ def test_target_elementwise_like_bytes(e16_fused):
     # Counted with the memory-bound GEMMs (4.38 GiB today, the issue's ~4.4, with the
     # one-hot bias addmm; 0.72 fused, the router's GEMMs).
     assert e16_fused.elementwise_like_bytes <= TARGET_BYTES, e16_fused.summary()
+
+
+def test_the_readme_command_prints_both_paths():
+    """``python scripts/layer_budget.py`` as the README gives it: today's and the fused
+    path's rows for every shape, with the numbers the ceilings above hold."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "layer_budget.py")],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    first = lines.index(next(l for l in lines if l.startswith("E16 top-2 cf1.25 T16k ")))
+    assert lines[first].split()[4:6] == ["150", "13"]
+    assert lines[first + 1].split()[:6] == ["fused", "(--moe-kernels", "triton)", "127", "9",
+                                            "0.528"]
+    assert "issue's targets: <= 40 launches" in proc.stdout
