@@ -8,11 +8,13 @@ issue's shapes, bf16, d = 1024, expert FFN 4096:
 - E16 top-2 dropless, 16,384 tokens;
 - E64 top-2, capacity factor 1.25, 32,768 tokens;
 
-and the dense FFN of equal active FLOPs (``Linear(d, f) -> relu -> Linear(f, d)`` on
-``top_k * tokens`` tokens; also ``bench_moe_layer.py``'s reference, hidden ``top_k * f``
-on ``tokens`` tokens). Then, for the first shape: the per-phase table, the top
-contributors to launches and to bytes, the padded-batch and Gumbel-sampling variants,
-and what the main reductions would save under the same shape model.
+each on today's path and the fused path (``--moe-kernels triton``: routing, plan and
+FFN kernels), and the dense FFN of equal active FLOPs (``Linear(d, f) -> relu ->
+Linear(f, d)`` on ``top_k * tokens`` tokens; also ``bench_moe_layer.py``'s reference,
+hidden ``top_k * f`` on ``tokens`` tokens). Then, for the first shape: the padded-batch
+and Gumbel-sampling variants, the per-phase tables of both paths, the top contributors
+to launches and to bytes on today's path, and what plain-PyTorch rewrites of it would
+save under the same shape model.
 
     python scripts/layer_budget.py [--top 15] [--all-ops]
 """
@@ -66,8 +68,6 @@ def candidates(T: int, d: int, k: int, b: int):
         # plain PyTorch rewrites
         "stats": ("statistics: one stats vector per pass (a few launches), or only on "
                   "logging steps (0)", _phase("statistics"), 4, None),
-        "loss_avg": ("loss averaging of a single pass (stack, sum, div; backward div): "
-                     "return the loss itself", _site("layer/moe_layer.py:<dictcomp>"), 0, 0),
         "router_cast": ("router x.float() copy and its backward cast: bf16 GEMM with fp32 "
                         "output (mm out_dtype, custom Function)",
                         lambda r: r.site == "routers/top_k.py:router_input" and r.name == "copy_",
@@ -87,31 +87,10 @@ def candidates(T: int, d: int, k: int, b: int):
                               or (r.direction == "bwd" and r.name == "copy_"
                                   and r.site == "layer/dispatcher.py:scatter_rows")),
                           1, 2 * N * d * b),
-        # fused kernels (what the issue's fused path is)
-        "bias": ("biases by one-hot addmm (+ _row_onehot): bias in the grouped GEMM's "
-                 "epilogue, bias grads a column sum fused in the backward",
-                 _site("layer/expert_bank.py:_add_bias", "layer/expert_bank.py:_row_onehot"), 0, 0),
-        "relu": ("relu + threshold_backward in the GEMM epilogues",
-                 _site("layer/expert_bank.py:_act"), 0, 0),
-        "combine": ("combine (gate mul, zeros_like + where, index_copy_ into a [kT, d] stack, "
-                    "sum; their backward): one gated gather-sum kernel each way",
-                    _phase("combine"), 2, (N * d + T * d) * b + (T * d + 2 * N * d) * b),
-        "dispatch_bwd": ("dispatch backward (index_copy_ into a [kT, d] stack + sum): one "
-                         "gather-sum kernel", _phase("dispatch", "bwd"), 1, (N * d + T * d) * b),
-        "router_losses": ("router losses (logsumexp = 9 kernels, balance loss): one kernel "
-                          "each way", _phase("router losses"), 2, None),
-        "router_fused": ("router softmax + top-2 and backward: one kernel each way",
-                         _site("routers/top_k.py:route", "routers/top_k.py:_second_choice"),
-                         2, None),
-        "plan": ("plan (int64 sort keys, ~24 small launches, index_put backward): sort of "
-                 "int16 keys + one count/scan/position/gate kernel; backward one",
-                 _phase("plan"), 3, None),
     }
 
 
-TORCH_PLAN = ("stats", "loss_avg", "router_cast", "topk", "combine_where", "bias_aug")
-FUSED_PLAN = ("stats", "loss_avg", "router_cast", "bias", "relu", "combine", "dispatch_bwd",
-              "router_losses", "router_fused", "plan")
+TORCH_PLAN = ("stats", "router_cast", "topk", "combine_where", "bias_aug")
 
 
 def project(b: Budget, plan, T: int, d: int, k: int, elem: int):
@@ -158,15 +137,23 @@ def main(argv=None):
         print(row(f"  dense T={T} tok, h={K * F}", dense_ffn_budget(T, D, K * F, dtype)))
     first_name, first_kw = SHAPES[0]
     first = budgets[first_name]
-    print(row(f"{first_name} padded", layer_budget(dim=D, ffn=F, top_k=K, dtype=dtype,
-                                                     padded=True, **first_kw)))
-    print(row(f"{first_name} sampling", layer_budget(
-        dim=D, ffn=F, top_k=K, dtype=dtype, second_expert_policy="sampling", **first_kw)))
+    for variant, kw in (("padded", dict(padded=True)),
+                        ("sampling", dict(second_expert_policy="sampling"))):
+        print(row(f"{first_name} {variant}", layer_budget(dim=D, ffn=F, top_k=K, dtype=dtype,
+                                                          **kw, **first_kw)))
+        print(row(f"  fused (--moe-kernels triton)", layer_budget(
+            dim=D, ffn=F, top_k=K, dtype=dtype, kernels="triton", **kw, **first_kw)))
     print(f"issue's targets: <= {TARGET_LAUNCHES} launches outside the GEMMs, "
           f"<= {TARGET_GIB} GiB element-wise traffic")
 
     print(f"\n{first_name}: by phase")
     print(first.table(("phase", "direction")))
+    fused = layer_budget(dim=D, ffn=F, top_k=K, dtype=dtype, kernels="triton", **first_kw)
+    print(f"\n{first_name}, fused path: every launch outside the GEMMs")
+    for r in fused.records:
+        if r.kind == "launch":
+            print(f"  {r.direction} {r.phase:<10} {r.where:<42} {r.bytes / GiB:7.4f} GiB  "
+                  f"{r.name}")
     print(f"\n{first_name}: top {args.top} by launches (function)")
     print(first.table(("phase", "site"), top=args.top, sort="launches", gemms="none"))
     print(f"\n{first_name}: top {args.top} by element-wise + memory-bound GEMM bytes (line; "
@@ -180,7 +167,7 @@ def main(argv=None):
     T = first_kw["tokens"]
     print(f"\n{first_name}: reductions under the same model (launches outside GEMMs; "
           "element-wise + memory-bound GEMM GiB)")
-    for plan_name, plan in (("plain PyTorch", TORCH_PLAN), ("fused kernels", FUSED_PLAN)):
+    for plan_name, plan in (("plain PyTorch", TORCH_PLAN),):
         rows, left_l, left_b = project(first, plan, T, D, K, elem)
         print(f"  {plan_name}:")
         for title, now_l, now_g, now_b, new_l, new_b in rows:
@@ -190,13 +177,6 @@ def main(argv=None):
         print(f"    => {first.launches_outside_gemms} -> {left_l} launches, "
               f"{first.elementwise_like_bytes / GiB:.3f} -> {left_b / GiB:.3f} GiB "
               f"(targets {TARGET_LAUNCHES}, {TARGET_GIB})")
-    padded = layer_budget(dim=D, ffn=F, top_k=K, dtype=dtype, padded=True, **first_kw)
-    pad = [r for r in padded.records if r.kind == "launch" and r.site == "layer/moe_layer.py:forward"]
-    print(f"  padded batches (masked routing adds "
-          f"{padded.launches_outside_gemms - first.launches_outside_gemms} launches, "
-          f"{(padded.elementwise_bytes - first.elementwise_bytes) / GiB:.3f} GiB): "
-          f"MoELayer.forward's where(token_mask, out, zeros_like(out)), redundant without "
-          f"output mixing, is {len(pad)} launches, {sum(r.bytes for r in pad) / GiB:.3f} GiB")
 
     if args.all_ops:
         print(f"\n{first_name}: every launch")

@@ -1,5 +1,6 @@
-"""The MoE layer's fused path (``--moe-kernels triton``: gather + expert FFN + combine as
-the Triton custom ops of ``moe_fairseq/kernels``) against its PyTorch path.
+"""The MoE layer's fused path (``--moe-kernels triton``: gather + expert FFN + combine,
+and for the linear router in the static layout its routing, losses and plan, as the
+Triton custom ops of ``moe_fairseq/kernels``) against its PyTorch path.
 
 On CPU the kernels run in Triton's interpreter, which ``TRITON_INTERPRET=1`` must switch
 on before they are first imported, so the layer cases run in one worker subprocess (this
@@ -177,6 +178,10 @@ def run_case(name: str, device: str = "cpu") -> dict:
     fused.experts.forward = _must_not_run
     fused.dispatcher.dispatch = _must_not_run
     fused.dispatcher.combine = _must_not_run
+    if c["layout"] == "static" and c.get("router", "top_k") == "top_k":
+        # The linear router's static layout: routing, losses and plan by their kernels.
+        fused.router.route = _must_not_run
+        fused.dispatcher._sort_plan = _must_not_run
     x, mask = _on(device, *inputs(c))
     assert fused.uses_fused_kernels(x) and not layer.uses_fused_kernels(x)
 

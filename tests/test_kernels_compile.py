@@ -46,7 +46,7 @@ except Exception as e:
     print("SKIP: Triton internals differ:", repr(e))
     sys.exit(0)
 
-from moe_fairseq.kernels import common, ffn1, ffn2, rows, xty
+from moe_fairseq.kernels import common, ffn1, ffn2, plan, route, routing_ops, rows, xty
 assert not common.INTERPRETED
 compiled = []
 
@@ -62,6 +62,10 @@ class CompileOnly:
 
 rows._grouped_rows_kernel = CompileOnly(rows._grouped_rows_kernel)
 xty._grouped_xty_kernel = CompileOnly(xty._grouped_xty_kernel)
+for module, name in ((route, "_route_kernel"), (route, "_losses_kernel"),
+                     (route, "_route_backward_kernel"), (plan, "_plan_kernel"),
+                     (plan, "_plan_backward_kernel")):
+    setattr(module, name, CompileOnly(getattr(module, name)))
 
 T, d, f, E, k = 32, 64, 128, 4, 2
 N = k * T
@@ -80,6 +84,18 @@ for dtype, act, masked in ((torch.float32, "relu", True), (torch.bfloat16, "gelu
     h = ffn1.gather_ffn1(x, w1, b1, offsets, slot, k, act, row_mask=mask)
     y = ffn2.ffn2_combine(h, w2, b2, gates, offsets, slot, T, k, row_mask=mask)
     y.float().sum().backward()
+# The routing and plan kernels: top-1 / top-2, padding, sampling noise, both gate
+# normalisations, the three capacity modes, and their backward.
+for top_k, masked, noisy, before, capacity in ((1, False, False, False, 7),
+                                               (2, True, True, False, torch.tensor(9)),
+                                               (2, False, False, True, None)):
+    logits = torch.randn(150, 6, requires_grad=True)
+    mask = torch.rand(150) > 0.2 if masked else None
+    noise = torch.rand(150, 6) if noisy else None
+    r = routing_ops.top_k_routing(logits, mask, noise, top_k, normalize_before=before)
+    p = routing_ops.static_plan(r.expert_index, r.gates, r.block_counts, capacity,
+                                normalize_after=top_k == 2 and not before)
+    (p.row_gates.sum() + r.probs.sum() + r.balance + r.z).backward()
 print("compiled", len(compiled), "kernels; most shared memory", max(compiled), "bytes")
 """
 

@@ -39,6 +39,15 @@ arrive already gathered (expert parallelism) except as ``slot = arange(N)``,
 ``num_slots = 1``. Nothing is read back to the host: grids come from shapes, row tiles
 from ``offsets`` in-kernel; no atomics, so results are deterministic.
 
+The linear router and the static plan have kernels too (:mod:`.route`, :mod:`.plan`,
+ops in :mod:`.routing_ops`): :func:`top_k_routing` (fp32 logits -> probabilities,
+top-k experts and gates, balance and z losses, entropy statistic, per-block expert
+counts) and :func:`static_plan` (those counts -> the static layout by a counting sort,
+row gates, keep mask, sizes, GEMM offsets), each differentiable with one backward
+kernel. :meth:`TopKRouter.fused_route <moe_fairseq.routers.top_k.TopKRouter.fused_route>`
+and :meth:`SortDispatcher.plan <moe_fairseq.layer.dispatcher.SortDispatcher.plan>` use
+them on the layer's fused path.
+
 Whether the kernels can run here: :func:`available` (:func:`unavailable_reason` says
 why not). Importing this package does not import Triton; ``available()`` and the ops
 do, on first use (not on ``meta`` tensors). ``TRITON_INTERPRET=1`` set before that
@@ -51,7 +60,7 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "unavailable_reason", "gather_ffn1", "ffn2_combine", "BlockConfig",
-           "interpreted"]
+           "interpreted", "top_k_routing", "static_plan"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _common = None  # the imported .common module, or False when Triton cannot be imported
@@ -141,6 +150,22 @@ def ffn2_combine(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mas
     _check_runnable(h)
     from .ffn2 import ffn2_combine as op
     return op(h, w2, b2, gates, offsets, slot, num_tokens, num_slots, row_mask, config)
+
+
+def top_k_routing(logits, token_mask=None, noise=None, top_k=2, normalize_before=False):
+    """See :func:`moe_fairseq.kernels.routing_ops.top_k_routing` (fp32 logits ``[T, E]``
+    -> probabilities, experts, gates, losses and the block counts of the plan)."""
+    _check_runnable(logits)
+    from .routing_ops import top_k_routing as op
+    return op(logits, token_mask, noise, top_k, normalize_before)
+
+
+def static_plan(expert_index, gates, block_counts, capacity, normalize_after=False):
+    """See :func:`moe_fairseq.kernels.routing_ops.static_plan` (a routing of
+    :func:`top_k_routing` -> the static dispatch layout)."""
+    _check_runnable(gates)
+    from .routing_ops import static_plan as op
+    return op(expert_index, gates, block_counts, capacity, normalize_after)
 
 
 def __getattr__(name):

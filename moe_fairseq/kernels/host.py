@@ -18,6 +18,15 @@ ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2}
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Tokens per program of the routing kernels (kernels/route.py); the plan kernel reads
+# the routing kernel's per-block counts, so both use it.
+ROUTE_BLOCK_T = 64
+
+
+def route_blocks(num_tokens: int) -> int:
+    """Programs (token blocks) of the routing and plan kernels for ``num_tokens``."""
+    return -(-num_tokens // ROUTE_BLOCK_T)
+
 
 @dataclass(frozen=True)
 class BlockConfig:

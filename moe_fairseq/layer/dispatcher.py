@@ -105,6 +105,11 @@ class DispatchPlan:
     # the compact layout, where every row counts and bank_sizes == group_sizes.
     row_mask: Optional[Tensor] = None
     bank_sizes: Optional[Tensor] = None
+    # Fused plan only (kernels/plan.py): [E] int32 cumulative bank_sizes (the grouped
+    # GEMMs' offsets), and [3E + 3] int64 sizes: requested, group_sizes and bank_sizes
+    # are views of it, followed by the assignments, the dropped ones and the tokens.
+    offsets: Optional[Tensor] = None
+    sizes: Optional[Tensor] = None
 
     @property
     def token_index(self) -> Tensor:
@@ -150,6 +155,15 @@ class SortDispatcher:
         return self.layout == "static" or (self.layout == "auto" and t.is_cuda)
 
     def plan(self, routing: Routing) -> DispatchPlan:
+        """The rows' layout, gates and sizes for ``routing``: by the plan kernel for a
+        routing of the fused kernels (``Routing.block_counts``) in the static layout,
+        else by a stable sort."""
+        if (routing.block_counts is not None and not routing.mix_input
+                and self._static(routing.expert_index)):
+            return self._fused_plan(routing)
+        return self._sort_plan(routing)
+
+    def _sort_plan(self, routing: Routing) -> DispatchPlan:
         expert_index, gates, capacity = routing.expert_index, routing.gates, routing.capacity
         num_tokens, k = expert_index.shape
         E = self.num_experts
@@ -198,6 +212,21 @@ class SortDispatcher:
             row_mask=row_mask,
             bank_sizes=bank_sizes,
         )
+
+    def _fused_plan(self, routing: Routing) -> DispatchPlan:
+        """The static layout by the plan kernel (a counting sort over the routing
+        kernel's block counts): the same rows, gates and sizes as :meth:`plan`'s."""
+        from .. import kernels  # Triton only on this path
+
+        num_tokens, k = routing.expert_index.shape
+        E = self.num_experts
+        out = kernels.static_plan(routing.expert_index, routing.gates, routing.block_counts,
+                                  routing.capacity, routing.normalize_after_drop)
+        sizes = out.sizes
+        return DispatchPlan(row_gates=out.row_gates, group_sizes=sizes[E:2 * E],
+                            requested=sizes[:E], assignment_index=out.order,
+                            num_tokens=num_tokens, num_slots=k, row_mask=out.row_mask,
+                            bank_sizes=sizes[2 * E:3 * E], offsets=out.offsets, sizes=sizes)
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tuple[Tensor, Tensor]:
         """x ``[T, d]`` -> (rows ``[N, d]`` grouped by expert, rows per local expert ``[E]``).

@@ -274,7 +274,9 @@ class ExpertBank(nn.Module):
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         if x.dtype != w1.dtype:
             w1, b1, w2, b2 = (p.to(x.dtype) for p in (w1, b1, w2, b2))
-        offsets = torch.cumsum(plan.rows_per_expert, 0).to(torch.int32)
+        offsets = plan.offsets  # the fused plan's
+        if offsets is None:
+            offsets = torch.cumsum(plan.rows_per_expert, 0).to(torch.int32)
         slot = plan.assignment_index
         h = kernels.gather_ffn1(x, w1, b1, offsets, slot, plan.num_slots, self.activation_name,
                                 row_mask=plan.row_mask)

@@ -71,6 +71,47 @@ class MoEStats:
     first_expert: Optional[Tensor] = None
     first_probs: Optional[Tensor] = None
 
+    @classmethod
+    def zeros(cls, tokens, num_experts: int, num_passes: int, num_rows: int,
+              device) -> "MoEStats":
+        """Empty counts before the first pass; ``tokens``: routed tokens (int or 0-dim
+        tensor), ``num_rows``: rows of the layer's input (multi-pass routers track
+        each row's passes)."""
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return cls(
+            tokens=zero + tokens,
+            assignments=zero.clone(),
+            dropped=zero.clone(),
+            expert_load=torch.zeros(num_experts, dtype=torch.long, device=device),
+            first_choice_load=torch.zeros(num_experts, dtype=torch.long, device=device),
+            entropy_sum=torch.zeros((), dtype=torch.float32, device=device),
+            entropy_count=zero.clone(),
+            expert_passes=zero.clone(),
+            pass_tokens=torch.zeros(num_passes, dtype=torch.long, device=device),
+            # Passes each token went through (multi-pass routers only): dynamic capacity.
+            token_passes=(torch.zeros(num_rows, dtype=torch.long, device=device)
+                          if num_passes > 1 else None),
+        )
+
+    @classmethod
+    def of_fused_pass(cls, routing, plan) -> "MoEStats":
+        """The counts of a layer's only pass, routed and planned by the fused kernels:
+        views of what they wrote (``plan.sizes``, ``routing.block_counts``), no launch.
+        Not to be added to in place: the fields share memory."""
+        E = plan.requested.numel()
+        tokens = plan.sizes[3 * E + 2]
+        return cls(
+            tokens=tokens,
+            assignments=plan.sizes[3 * E],
+            dropped=plan.sizes[3 * E + 1],
+            expert_load=plan.requested,
+            first_choice_load=routing.block_counts[-1, 0, :E],
+            entropy_sum=routing.entropy_sum,
+            entropy_count=tokens,
+            expert_passes=tokens,
+            pass_tokens=plan.sizes[3 * E + 2:],
+        )
+
     def record_pass(self, pass_index: int, routing, plan, pos: Optional[Tensor]) -> None:
         """Count one routing pass; ``pos`` = its tokens' rows (None = every token)."""
         n = routing.token_count
@@ -161,6 +202,8 @@ class MoELayer(nn.Module):
         self.similarity: Optional[SimilarityLoss] = None
         # Analysis tools set this to get MoEStats.first_expert (a [tokens] tensor).
         self.record_first_expert = False
+        # Whether the last forward mixed tokens' own vectors into the output (MoEC).
+        self.mixed_input = False
         # Running count of assignments per expert, for analysis tools
         # (reset with reset_expert_load); not saved in checkpoints.
         self.register_buffer(
@@ -221,8 +264,10 @@ class MoELayer(nn.Module):
             # The router sees every row and gives padding no expert: no host sync.
             token_mask = ~padding_mask.reshape(-1).to(torch.bool)
             out = self._route_and_compute(flat, stream, dropout, token_mask=token_mask)
-            # Padding outputs 0 (output mixing would otherwise hand it x back).
-            out = torch.where(token_mask.unsqueeze(1), out, torch.zeros_like(out))
+            if self.mixed_input:
+                # Padding outputs 0: output mixing would hand it x back. Without mixing
+                # it already is 0 (its slots have no expert and a zero combine).
+                out = torch.where(token_mask.unsqueeze(1), out, torch.zeros_like(out))
         elif padding_mask is not None:
             # Gathering the tokens needs their count on the host (nonzero): a sync.
             token_pos = (~padding_mask.reshape(-1).to(torch.bool)).nonzero().squeeze(1)
@@ -321,18 +366,6 @@ class MoELayer(nn.Module):
         P = self.router.num_passes
         T = tokens.size(0)
         device = tokens.device
-        zero = torch.zeros((), dtype=torch.long, device=device)
-        stats = MoEStats(
-            tokens=zero + count_tokens(tokens, token_mask),
-            assignments=zero.clone(),
-            dropped=zero.clone(),
-            expert_load=torch.zeros(E, dtype=torch.long, device=device),
-            first_choice_load=torch.zeros(E, dtype=torch.long, device=device),
-            entropy_sum=torch.zeros((), dtype=torch.float32, device=device),
-            entropy_count=zero.clone(),
-            expert_passes=zero.clone(),
-            pass_tokens=torch.zeros(P, dtype=torch.long, device=device),
-        )
         # A collective dispatcher must run every pass on every rank, even a pass
         # with no local token, or the ranks' all-to-alls would not pair up.
         run_empty_passes = getattr(self.dispatcher, "collective", False)
@@ -340,13 +373,13 @@ class MoELayer(nn.Module):
         track_stream = P > 1 or stream_output
         if track_stream and stream is None:
             stream = tokens
-        # Passes each token went through (multi-pass routers only): dynamic capacity.
-        stats.token_passes = torch.zeros(T, dtype=torch.long, device=device) if P > 1 else None
+        stats: Optional[MoEStats] = None  # made at pass 0, from its routing and plan
         total: Optional[Tensor] = None
         # [T] pass at which each token is routed next (>= P: done); None until a
         # multi-pass router's first pass says where its tokens go.
         due: Optional[Tensor] = None
         losses: Dict[str, list] = {}
+        mixed = False  # whether some pass mixed tokens' own vectors into the output
         similarity: Optional[Tensor] = None
         routed_passes = 0  # passes with at least one token: the losses' denominator
         fused = self.uses_fused_kernels(tokens)
@@ -361,7 +394,12 @@ class MoELayer(nn.Module):
                     continue
                 s = self.router.pass_stream(gather_rows(stream, pos), pass_index)
                 h = self.router.pass_input(s, pass_index)
-            routing = self.router(h, pass_index, token_mask=token_mask)
+            routing = None
+            if fused and P == 1:
+                # Routing, losses and plan in a few kernels, when the router has them.
+                routing = self.router.fused_route(h, token_mask)
+            if routing is None:
+                routing = self.router(h, pass_index, token_mask=token_mask)
             plan = self.dispatcher.plan(routing)
             if fused:
                 y = self.experts.fused_ffn(h, plan)  # [T_pass, d]
@@ -370,6 +408,7 @@ class MoELayer(nn.Module):
                 rows = self.experts(rows, local_sizes)
                 y = self.dispatcher.combine(rows, plan)  # [T_pass, d]
             if plan.input_weight is not None:
+                mixed = True
                 # Output mixing: the token's own vector fills the unused gate mass.
                 y = y + plan.input_weight.to(y.dtype).unsqueeze(1) * h
             if stream_output and dropout is not None:
@@ -380,13 +419,19 @@ class MoELayer(nn.Module):
             routed_passes += int(h.size(0) > 0)  # sizes are host ints: no sync
             for name, value in routing.losses.items():
                 losses.setdefault(name, []).append(value)
+            if (stats is None and P == 1 and plan.sizes is not None
+                    and routing.entropy_sum is not None and plan.num_tokens > 0):
+                stats = MoEStats.of_fused_pass(routing, plan)
+            else:
+                if stats is None:
+                    stats = MoEStats.zeros(count_tokens(tokens, token_mask), E, P, T, device)
+                stats.record_pass(pass_index, routing, plan, pos)
             if pass_index == 0 and self.similarity is not None and routing.probs is not None:
                 similarity = self.similarity(routing.probs, h, token_mask)
             if pass_index == 0 and self.record_first_expert:
                 stats.first_expert = routing.expert_index[:, 0].detach().clone()
                 if routing.probs is not None and routing.probs.size(1) == E:
                     stats.first_probs = routing.probs.detach().float().clone()
-            stats.record_pass(pass_index, routing, plan, pos)
 
             if not stream_output:
                 y_all = y if pos is None else scatter_rows(y, pos, T)
@@ -403,13 +448,16 @@ class MoELayer(nn.Module):
                 due = next_pass if pos is None else due.index_copy(0, pos, next_pass)
             elif pos is not None:  # these tokens are done
                 due = due.index_fill(0, pos, P)
+        # One pass: its losses as they are (the same value as the mean, no launches).
         stats.losses = {
-            name: torch.stack(v).sum() / max(routed_passes, 1) for name, v in losses.items()
+            name: v[0] if len(v) == 1 else torch.stack(v).sum() / max(routed_passes, 1)
+            for name, v in losses.items()
         }
         if similarity is not None:  # one value per layer, from the first pass
             stats.losses["similarity"] = similarity
         self.expert_load_total += stats.expert_load.detach()
         self.stats = stats
+        self.mixed_input = mixed
         return self.router.finish_stream(stream) if stream_output else total
 
 

@@ -76,6 +76,14 @@ FUSED_GEMM_OPS = frozenset({
     "moe_fairseq::ffn1_dw", "moe_fairseq::ffn2_dh", "moe_fairseq::ffn2_dw",
 })
 
+# The routing and plan kernels (moe_fairseq/kernels/routing_ops.py: OP_NAMES), one
+# Triton launch each: element-wise work, counted as launches with their bytes.
+FUSED_LAUNCH_OPS = frozenset({
+    "moe_fairseq::route_top_k", "moe_fairseq::router_losses",
+    "moe_fairseq::route_top_k_backward", "moe_fairseq::static_plan",
+    "moe_fairseq::static_plan_backward",
+})
+
 GEMM_OPS = frozenset({
     "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_grouped_mm", "_scaled_mm",
     "_scaled_grouped_mm", "addmv", "mv", "dot", "linear", "_addmm_activation",
@@ -497,6 +505,8 @@ def classify(func) -> str:
     name = func._opname
     if name in GEMM_OPS or func.name() in GEMM_OPS:
         return "gemm"
+    if func.name() in FUSED_LAUNCH_OPS:
+        return "launch"
     if func.is_view or name in NO_LAUNCH:
         return "view"
     if _composite_key(func) is not None:
@@ -569,7 +579,7 @@ class OpCounter(TorchDispatchMode):
                 record.kind = "launch"
                 if out is None:
                     out = func(*args, **kwargs)
-        elif func.name() in FUSED_GEMM_OPS and self.device == "meta":
+        elif func.name() in FUSED_GEMM_OPS | FUSED_LAUNCH_OPS and self.device == "meta":
             # The fused op's meta implementation with this mode active: the torch ops
             # around its kernel are launches of their own (the op stays one GEMM).
             self._depth += 1

@@ -63,6 +63,12 @@ class Routing:
     # False rows are padding, have expert_index -1 and are left out of losses and
     # statistics. None = every row is a token.
     token_mask: Optional[Tensor] = None
+    # Routings of fused kernels (Router.fused_route) only: [B, k, E+1] int64 running
+    # counts over token blocks of each slot's experts (bin E: none), from which the
+    # dispatcher's fused plan lays rows out without a sort; and the detached sum over
+    # tokens of the routing entropy (a statistic the kernels compute on the way).
+    block_counts: Optional[Tensor] = None
+    entropy_sum: Optional[Tensor] = None
 
     @property
     def token_count(self) -> Union[int, Tensor]:
@@ -108,6 +114,15 @@ class Router(nn.Module):
         (only for ``accepts_token_mask`` routers): False rows are padding, which get
         expert -1 and stay out of capacity and losses; None = every row is a token."""
         raise NotImplementedError
+
+    def fused_route(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Optional[Routing]:
+        """The single-pass routing of ``x [T, d]`` computed by fused GPU kernels
+        (``moe_fairseq.kernels``), equal to :meth:`route`'s, with
+        ``Routing.block_counts`` set so that the dispatcher can plan without a sort; or
+        None when this router has no fused kernels for its settings (the layer then
+        calls the router as usual). The layer asks only on its fused path
+        (``--moe-kernels``), where the kernels can run on ``x``."""
+        return None
 
     def pass_stream(self, z: Tensor, pass_index: int) -> Tensor:
         """Multi-pass routers: the stream ``[T, d]`` pass ``pass_index >= 1`` continues

@@ -241,6 +241,10 @@ class CosineRouter(TopKRouter):
             return int(self.clusters * kept_per_cluster(self.cluster_size, self.expert_dropout))
         return self.num_experts
 
+    def fused_route(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Optional[Routing]:
+        # Cosine scores, clusters and output mixing have no kernel: the torch route.
+        return None
+
     def route(self, x: Tensor, pass_index: int = 0, token_mask: Optional[Tensor] = None) -> Routing:
         if self.dropout_active():
             self._step_dropout()

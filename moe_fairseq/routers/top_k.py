@@ -119,6 +119,28 @@ class TopKRouter(Router):
         return Routing(expert_index, gate, capacity, losses, probs,
                        normalize_after_drop=after_drop, token_mask=token_mask)
 
+    def fused_route(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Optional[Routing]:
+        """:meth:`route` by the routing kernels (``kernels/route.py``): softmax, top-k,
+        gates, both losses and the plan's block counts in three launches, their
+        backward in one. The ``random`` second-expert policy has no kernel (None)."""
+        policy = self.second_expert_policy if self.training else self.eval_second_expert_policy
+        if self.top_k == 2 and policy == "random":
+            return None
+        from .. import kernels  # Triton only on this path
+
+        logits = self.logits(x)
+        # The same draw as _second_choice's, so a seeded run routes as the torch path does.
+        noise = torch.rand_like(logits) if self.top_k == 2 and policy == "sampling" else None
+        normalize = self.normalize_gates and self.top_k > 1
+        out = kernels.top_k_routing(logits, token_mask, noise, self.top_k,
+                                    normalize_before=normalize and self.normalize_before_dropping)
+        capacity = self.capacity(count_tokens(x, token_mask), self.num_experts)
+        return Routing(out.expert_index, out.gates, capacity,
+                       {"balance": out.balance, "z": out.z}, out.probs,
+                       normalize_after_drop=normalize and not self.normalize_before_dropping,
+                       token_mask=token_mask, block_counts=out.block_counts,
+                       entropy_sum=out.entropy_sum)
+
     def normalized_gates(self, gate: Tensor):
         """Top-2 gate normalisation: ``gate [T, k]`` -> (gates, whether the dispatcher
         must renormalise them after capacity dropping). Before dropping, it is done
