@@ -371,13 +371,14 @@ def main(argv=None):
     if not args.no_phases and moe.router.num_passes == 1:
         for _ in range(args.warmup):
             phase_pass(moe, x, g, timer)
-        samples = [phase_pass(moe, x, g, timer) for _ in range(args.repeats)]
+        phase_samples = [phase_pass(moe, x, g, timer) for _ in range(args.repeats)]
         fwd_grad, fwd_nograd = [], []
         for _ in range(args.repeats):
             fwd_grad.append(timer(lambda: moe(x)))
             with torch.no_grad():
                 fwd_nograd.append(timer(lambda: moe(x)))
-        phases = {name: statistics.median(s[name] for s in samples) for name in samples[0]}
+        phases = {name: statistics.median(s[name] for s in phase_samples)
+                  for name in phase_samples[0]}
         phases["layer fwd (grad on)"] = statistics.median(fwd_grad)
         phases["layer fwd (no_grad)"] = statistics.median(fwd_nograd)
 

@@ -68,3 +68,33 @@ bare sort+grouped_mm        5.70    min     5.63  max     5.78  kernels=30
     assert "| E16 top2 cf1.25 | 8.0 | 4.0 | 2.0 | 5.7 | 2.0 (MISSED) | 1.15 | 4.0 | 2.0 " in summary
     assert "163 / 40 / 10 | none / none" in summary
     assert "ratio 0.9 (met) (target >= 0.8)" in summary
+
+
+def test_make_bench_runs_as_the_makefile_and_readme_give_it():
+    """``make bench``'s command line (read from the Makefile; the README quotes the same
+    flags), with fewer repetitions: the MoE and dense rows, the instrumented phases (the
+    part the gpu-check flags switch off) and ``ratio_vs_dense`` last."""
+    import re
+    import shlex
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"(?m)^bench:.*\n((?:\t.*\\\n)*\t.*)", makefile).group(1)
+    words = shlex.split(recipe.replace("\\\n", " "))
+    flags = words[words.index("scripts/bench_moe_layer.py") + 1:]
+    readme = (REPO_ROOT / "README.md").read_text()
+    quoted = re.search(r"make bench +# = \.venv/bin/python scripts/bench_moe_layer\.py (.*)\\\n"
+                       r" +# +(.*)\n", readme)
+    assert quoted and shlex.split(quoted.group(1) + " " + quoted.group(2)) == flags
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_moe_layer.py"),
+                           *flags, "--repeats", "2", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**subprocess_env(), "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    rows = gpu_check._contenders(text)
+    assert set(rows) == {"MoE", "dense"} and all(r["ms"] > 0 for r in rows.values())
+    for phase in ("router", "plan", "gather", "experts", "combine", "backward"):
+        assert re.search(rf"(?m)^  {phase} +[0-9.]+", text), phase
+    assert "tokens=4096 embed_dim=256 ffn_dim=1024 experts=8 top_k=2" in text
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratio_vs_dense=[0-9]+\.[0-9]{3}", last) and float(last.split("=")[1]) > 0
