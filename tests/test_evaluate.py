@@ -378,3 +378,76 @@ def test_decode_with_a_real_moe_checkpoint(tmp_path):
     row = {r["direction"]: r for r in res["directions"]}["de-en"]
     assert row["n"] == 50 and row["scores"]["tiny"]["bleu_multi"] is not None
     assert (out / "results.md").is_file()
+
+
+def test_evaluate_paired_bootstrap_table(tmp_path, capsys):
+    """Two models: results.json holds each direction's and each average's paired
+    bootstrap against the baseline (B by --baseline), equal to significance.py run on
+    the same lines; results.md prints the gaps with their intervals. A bad --baseline
+    or --bootstrap is refused before anything is read."""
+    from moe_fairseq.bible import significance
+
+    data = make_data(tmp_path)
+    de_hyp = ["Am Anfang schuf Gott Himmel und Erde.", "Die Erde war leer.", "Gott sprach: Licht!",
+              "Jesus weinte."]
+    a = write_hyps(tmp_path / "A", {"en-de": de_hyp, "de-en": HYPS})
+    b = write_hyps(tmp_path / "B", {"en-de": de_hyp[::-1], "de-en": KJV})
+    out = tmp_path / "res"
+    res = E.run(["--data", str(data), "--hypotheses", f"A={a}", "--hypotheses", f"B={b}",
+                 "--directions", "en-de,de-en", "--baseline", "B", "--bootstrap", "200",
+                 "--output-dir", str(out), "--quiet"])
+    assert res["bootstrap"] == {"baseline": "B", "samples": 200, "seed": 12345,
+                                "references": "single (the primary)"}
+    rows = {r["direction"]: r for r in res["directions"]}
+    want = significance.paired_bootstrap(WEB, {"A": HYPS, "B": KJV}, "B", n_samples=200)
+    assert rows["de-en"]["bootstrap"] == want
+    assert "delta" not in rows["de-en"]["bootstrap"]["B"]["bleu"]
+    assert rows["de-en"]["bootstrap"]["A"]["bleu"]["delta"] == pytest.approx(
+        rows["de-en"]["scores"]["A"]["bleu"] - rows["de-en"]["scores"]["B"]["bleu"])
+    avg = next(x for x in res["averages"] if x["group"] == "all")
+    assert avg["bootstrap"]["A"]["chrf"]["delta"] == pytest.approx(
+        avg["scores"]["A"]["chrf"] - avg["scores"]["B"]["chrf"])
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "Paired bootstrap against **B** (200 resamples" in md
+    assert "| Direction | ΔBLEU A − B | ΔchrF A − B |" in md
+    line = next(l for l in md.splitlines() if l.startswith("| de-en | ") and "[" in l)
+    assert significance.format_delta(want["A"]["bleu"]) in line
+    assert "| **avg all** | " in md.split("Paired bootstrap")[1]
+
+    for flags, msg in ((["--baseline", "C"], "--baseline C is not one of the models: A, B"),
+                       (["--bootstrap", "-1"], "--bootstrap must be >= 0, got -1")):
+        assert _error(["--data", str(data), "--hypotheses", f"A={a}", "--hypotheses", f"B={b}",
+                       "--directions", "de-en", "--output-dir", str(tmp_path / "x"),
+                       *flags], capsys) == f"evaluate.py: error: {msg}"
+
+
+def test_evaluate_writes_sample_translations(tmp_path):
+    """--samples 2: the same two test lines of each direction for every model, with
+    source, reference and outputs, in results.json and samples.md."""
+    data = make_data(tmp_path)
+    de_hyp = ["Am Anfang schuf Gott Himmel und Erde.", "Die Erde war leer.", "Gott sprach: Licht!",
+              "Jesus weinte."]
+    a = write_hyps(tmp_path / "A", {"en-de": de_hyp, "de-en": HYPS})
+    b = write_hyps(tmp_path / "B", {"en-de": de_hyp[::-1], "de-en": KJV})
+    out = tmp_path / "res"
+    res = E.run(["--data", str(data), "--hypotheses", f"A={a}", "--hypotheses", f"B={b}",
+                 "--directions", "en-de,de-en", "--samples", "2", "--bootstrap", "0",
+                 "--output-dir", str(out), "--quiet"])
+    assert res["bootstrap"] is None
+    refs = {"de-en": WEB, "en-de": (data / "raw" / "test.en-de.de").read_text().splitlines()}
+    sources = {"de-en": (data / "raw" / "test.en-de.de").read_text().splitlines(),
+               "en-de": WEB}
+    outputs = {"A": {"en-de": de_hyp, "de-en": HYPS}, "B": {"en-de": de_hyp[::-1], "de-en": KJV}}
+    assert set(res["samples"]) == {"en-de", "de-en"}
+    for d, items in res["samples"].items():
+        assert len(items) == 2 and items[0]["line"] < items[1]["line"]
+        for item in items:
+            i = item["line"]
+            assert item["source"] == sources[d][i] and item["reference"] == refs[d][i]
+            assert item["outputs"] == {m: outputs[m][d][i] for m in ("A", "B")}
+    md = (out / "samples.md").read_text(encoding="utf-8")
+    assert "## de-en" in md and "## en-de" in md
+    first = res["samples"]["de-en"][0]
+    assert f"reference  {first['reference']}" in md and f"B          {first['outputs']['B']}" in md
+    assert E.sample_lines(["one two"] * 3 + ["w " * 10] * 7, 3) == [4, 6, 8]
+    assert E.sample_lines(["x"] * 5, 0) == [] and E.sample_lines(["x"] * 2, 3) == [0, 1]

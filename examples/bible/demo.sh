@@ -45,7 +45,10 @@ done
 
 step $((n + 1))/$total "evaluate ${methods[*]} (beam 4, CPU)"
 bash examples/bible/evaluate.sh "$data" "$dir/eval" "${models[@]}" \
-  -- --cpu --beam 4 --batch-size 64 --reuse
+  -- --cpu --beam 4 --batch-size 64 --reuse --samples 3
+printf '\nSample verses, every model (%s/eval/samples.md):\n\n' "$dir"
+tail -n +5 "$dir/eval/samples.md"
+printf '%s\n' "These are pipeline-check models (tiny, $updates updates on CPU): their BLEU is near 1 and the gaps between them are noise. The comparison at a size that translates: make gpu-compare on a GPU (README, On a GPU)."
 
 for method in "${methods[@]}"; do
   [ "$method" = dense ] && continue

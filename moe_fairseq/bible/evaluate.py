@@ -52,7 +52,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import BibleDataError, run_as_command
-from .scoring import score_direction
+from . import significance
+from .scoring import score_direction, tokenizer_for
 
 METRICS = ("bleu", "chrf", "bleu_multi", "chrf_multi")
 METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "bleu_multi": "BLEU-multi",
@@ -133,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("scoring")
     s.add_argument("--tokenize", help="sacrebleu tokenizer for every direction (default: 13a; "
                    "zh for Chinese, char for Japanese)")
+    s.add_argument("--baseline", metavar="NAME",
+                   help="model the others are compared with by paired bootstrap (default: the "
+                        "model named dense, else the first)")
+    s.add_argument("--bootstrap", type=int, default=significance.DEFAULT_SAMPLES, metavar="N",
+                   help="paired bootstrap resamples per direction for 95%% intervals of each "
+                        "model's gap to --baseline (BLEU, chrF, single reference; the same "
+                        "draws as sacrebleu --paired-bs); 0: none (default %(default)s)")
+    s.add_argument("--bootstrap-seed", type=int, default=significance.DEFAULT_SEED,
+                   metavar="S", help="seed of the resample draws (default %(default)s, "
+                                     "sacrebleu's)")
+    s.add_argument("--samples", type=int, default=3, metavar="K",
+                   help="sample translations per direction written to samples.md (source, "
+                        "reference, every model's output; the same lines for every model); "
+                        "0: none (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -714,6 +729,75 @@ def _fmt(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def sample_lines(refs: Sequence[str], k: int) -> List[int]:
+    """``k`` line indices spread evenly over the test set, among lines whose reference
+    has 6 to 30 words (all lines when fewer than ``k`` qualify): typical verses, not
+    one-word headings or the longest genealogies."""
+    if k <= 0 or not refs:
+        return []
+    pool = [i for i, r in enumerate(refs) if 6 <= len(r.split()) <= 30]
+    if len(pool) < k:
+        pool = list(range(len(refs)))
+    k = min(k, len(pool))
+    return sorted({pool[int((j + 0.5) * len(pool) / k)] for j in range(k)})
+
+
+def source_lines(data: str, manifest: dict, direction: str) -> Optional[List[str]]:
+    """The raw test source of a prepare_bible.py direction (None for a data-bin)."""
+    if "reference_files" in manifest:
+        return None
+    src, tgt = direction.split("-")
+    pivot = manifest["pivot"]["lang"]
+    xx = tgt if src == pivot else src
+    path = os.path.join(data, "raw", f"test.{pivot}-{xx}.{src}")
+    return read_lines(path) if os.path.isfile(path) else None
+
+
+def samples_markdown(results: dict) -> str:
+    """samples.md: per direction, each sampled line's source, reference and outputs."""
+    lines = [f"# Sample translations: {results['data']}", "",
+             "The same test lines for every model, spread over the test set (references of "
+             "6 to 30 words).", ""]
+    names = [m["name"] for m in results["models"]]
+    width = max(len(n) for n in ["source", "reference", *names])
+    for direction, items in results["samples"].items():
+        lines += [f"## {direction}", ""]
+        for item in items:
+            lines.append(f"Line {item['line'] + 1}:")
+            lines.append("")
+            lines.append("```")
+            if item.get("source") is not None:
+                lines.append(f"{'source':<{width}}  {item['source']}")
+            lines.append(f"{'reference':<{width}}  {item['reference']}")
+            for name in names:
+                lines.append(f"{name:<{width}}  {item['outputs'][name]}")
+            lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def bootstrap_markdown(results: dict) -> List[str]:
+    """The paired-bootstrap table: each model's gap to the baseline with its 95% interval
+    per direction and per average (empty without a bootstrap)."""
+    boot = results.get("bootstrap")
+    if not boot:
+        return []
+    base = boot["baseline"]
+    others = [m["name"] for m in results["models"] if m["name"] != base]
+    header = ["Direction"] + [f"{label} {m} − {base}" for label in ("ΔBLEU", "ΔchrF")
+                              for m in others]
+    lines = ["", f"Paired bootstrap against **{base}** ({boot['samples']} resamples of each "
+             f"direction's lines, seed {boot['seed']}, single reference): the gap and its 95% "
+             "interval; `*` = the interval excludes 0 (a real gap at that level). Averages: "
+             "the bootstrap of the unweighted mean over their directions.", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in [*results["directions"], *results["averages"]]:
+        name = r.get("direction") or f"**avg {r['group']}**"
+        cells = [name] + [significance.format_delta(r["bootstrap"][m][metric])
+                          for metric in ("bleu", "chrf") for m in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     models = [m["name"] for m in results["models"]]
     has_multi = any(r["scores"][m].get("bleu_multi") is not None
@@ -748,7 +832,9 @@ def markdown(results: dict) -> str:
         notes += (" Multi-reference scores (xx→en only) use WEB plus "
                   + ", ".join(f"{v} ({n})" for v, n in results.get("extra_refs", {}).items())
                   + " as references.")
-    lines += ["", notes, "", "sacrebleu signatures:", ""]
+    lines += ["", notes]
+    lines += bootstrap_markdown(results)
+    lines += ["", "sacrebleu signatures:", ""]
     for sig in results["signatures"]:
         lines.append(f"- `{sig}`")
     return "\n".join(lines) + "\n"
@@ -792,6 +878,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     for m, name in zip(models, _unique([m["name"] for m in models])):
         m["name"] = name
 
+    # Before any decoding: flags that would only fail after it.
+    if args.bootstrap < 0:
+        raise BibleDataError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.samples < 0:
+        raise BibleDataError(f"--samples must be >= 0, got {args.samples}")
+    if args.baseline is not None and args.baseline not in [m["name"] for m in models]:
+        raise BibleDataError(f"--baseline {args.baseline} is not one of the models: "
+                             + ", ".join(m["name"] for m in models))
     # Before any decoding: a checkpoint of other data fails in fairseq-generate only
     # after minutes of loading, with a size-mismatch dump.
     for ckpt in checkpoints:
@@ -826,6 +920,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                      "n": len(refs[d][0]), "scores": {}, "signatures": {}})
 
     t0 = time.time()
+    row_hyps: Dict[str, Dict[str, List[str]]] = {}  # direction -> model -> hypotheses
     jobs = [(m, r) for m in models for r in rows]
     bar = tqdm(jobs, desc="evaluate", unit="dir", disable=args.quiet, file=sys.stderr)
     for model, row in bar:
@@ -863,6 +958,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                        f"are empty (line{'s' if len(empty) > 1 else ''} {shown}); they are "
                        "scored as empty translations",
                        file=sys.stderr)
+        row_hyps.setdefault(d, {})[model["name"]] = hyps
         scores = score_direction(hyps, ref, extra or None, tgt_lang=row["tgt"],
                                  tokenize=args.tokenize)
         row["scores"][model["name"]] = _flat(scores)
@@ -874,6 +970,32 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     names = [m["name"] for m in models]
     signatures = sorted({s for r in rows for s in r["signatures"].values()})
+    group_averages = averages(rows, names, levels, pivot)
+    samples: Dict[str, List[dict]] = {}
+    for row in rows:
+        d = row["direction"]
+        picked = sample_lines(refs[d][0], args.samples)
+        if not picked:
+            continue
+        source = source_lines(data, manifest, d)
+        samples[d] = [{"line": i, "source": None if source is None else source[i],
+                       "reference": refs[d][0][i],
+                       "outputs": {n: row_hyps[d][n][i] for n in names}} for i in picked]
+    bootstrap = None
+    if args.bootstrap and len(names) > 1:
+        baseline = args.baseline or significance.default_baseline(names)
+        per_direction = {}
+        for row in rows:
+            d = row["direction"]
+            per_direction[d] = significance.paired_bootstrap(
+                refs[d][0], row_hyps[d], baseline, tokenizer_for(row["tgt"], args.tokenize),
+                n_samples=args.bootstrap, seed=args.bootstrap_seed, keep_samples=True)
+            row["bootstrap"] = significance.without_samples(per_direction[d])
+        for a in group_averages:
+            a["bootstrap"] = significance.without_samples(significance.pool(
+                [per_direction[d] for d in a["directions"]], baseline))
+        bootstrap = {"baseline": baseline, "samples": args.bootstrap,
+                     "seed": args.bootstrap_seed, "references": "single (the primary)"}
     results = {
         "data": os.path.abspath(data),
         "manifest_settings": manifest.get("settings"),
@@ -886,7 +1008,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                      "generate_args": args.generate_args},
         "extra_refs": manifest.get("extra_refs", {}).get("versions", {}),
         "directions": rows,
-        "averages": averages(rows, names, levels, pivot),
+        "averages": group_averages,
+        "bootstrap": bootstrap,
+        "samples": samples,
         "signatures": signatures,
         "seconds": round(time.time() - t0, 1),
     }
@@ -900,6 +1024,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     table = markdown(results)
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(table)
+    if samples:
+        with open(os.path.join(args.output_dir, "samples.md"), "w", encoding="utf-8") as f:
+            f.write(samples_markdown(results))
     if not args.quiet:
         print(table)
     return results
