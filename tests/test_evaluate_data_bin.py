@@ -282,3 +282,29 @@ def test_sentencepiece_data_bin_references(tmp_path, capsys):
     msg = in_process_error(["--data", prepared, "--hypotheses", f"raw={hyp}", "--output-dir", out,
                             "--post-process", "none"], capsys)
     assert msg.startswith("--post-process applies to data-bins without manifest.json; ")
+
+
+def test_one_process_decoding_equals_one_process_per_direction(plain_bin, multi_ckpt, tmp_path):
+    """--one-process (the model loaded once, every direction decoded by fairseq's loop in
+    evaluate.py's process) gives exactly fairseq-generate's hypotheses, direction by
+    direction, and the same scores."""
+    per = tmp_path / "per"
+    one = tmp_path / "one"
+    flags = ["--data", plain_bin, "--checkpoints", multi_ckpt, "--names", "tiny",
+             "--directions", "a-b,a-c,b-a", "--beam", "2", "--batch-size", "7", "--cpu", "--quiet",
+             "--generate-args", "--max-len-b 8"]
+    evaluate(*flags, "--output-dir", per)
+    evaluate(*flags, "--output-dir", one, "--one-process")
+    a = json.loads((per / "results.json").read_text(encoding="utf-8"))
+    b = json.loads((one / "results.json").read_text(encoding="utf-8"))
+    assert b["decoding"]["one_process"] and not a["decoding"]["one_process"]
+    for d in ("a-b", "a-c", "b-a"):
+        assert (one / "tiny" / f"{d}.hyp").read_text() == (per / "tiny" / f"{d}.hyp").read_text()
+        h_per = [l.split("\t")[2] for l in (per / "tiny" / f"{d}.generate.txt").read_text(
+            encoding="utf-8").splitlines() if l.startswith("H-")]
+        h_one = [l.split("\t", 1)[1] for l in (one / "tiny" / f"{d}.generate.txt").read_text(
+            encoding="utf-8").splitlines() if l.startswith("H-")]
+        assert len(h_one) == N_TEST and sorted(h_per) == sorted(h_one)
+    assert [r["scores"] for r in a["directions"]] == [r["scores"] for r in b["directions"]]
+    timing = b["models"][0]["decoding"]
+    assert set(timing) == {"a-b", "a-c", "b-a"} and all(t["tokens"] > 0 for t in timing.values())

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model was trained without --decoder-langtok")
     g.add_argument("--generate-args", default="",
                    help="extra fairseq-generate arguments, one shell-quoted string")
+    g.add_argument("--one-process", action="store_true",
+                   help="decode every direction of a checkpoint in this process, loading the "
+                        "model once (fairseq-generate's loop and settings; default: one "
+                        "fairseq-generate process per direction)")
     g.add_argument("--reuse", action="store_true",
                    help="keep hypotheses already in --output-dir instead of decoding again")
     b = p.add_argument_group("data-bins without manifest.json (references are the binarized "
@@ -689,6 +693,41 @@ def decode(args, data: str, manifest: dict, checkpoint: str, direction: str, n: 
     return detok(parse_generate_output(proc.stdout, n))
 
 
+def decode_in_process(args, data: str, manifest: dict, models: List[dict],
+                      directions: Sequence[str], refs: dict, detok) -> Dict[Tuple[str, str], List[str]]:
+    """``--one-process``: every direction of each checkpoint decoded in this process
+    (``bible/decode.py``), skipping hypotheses ``--reuse`` keeps. Writes each
+    direction's H-lines to ``<model>/<direction>.generate.txt`` as the per-process path
+    does; returns detokenized hypotheses by (model, direction)."""
+    from .decode import decode_directions
+
+    out: Dict[Tuple[str, str], List[str]] = {}
+    for model in models:
+        if "checkpoint" not in model:
+            continue
+        out_dir = os.path.join(args.output_dir, _safe(model["name"]))
+        os.makedirs(out_dir, exist_ok=True)
+        todo = [d for d in directions
+                if not (args.reuse and os.path.isfile(os.path.join(out_dir, f"{d}.hyp")))]
+        argv = {d: generate_command(args, data, manifest, model["checkpoint"], d)[3:]
+                for d in todo}
+        t0 = time.time()
+        for d, result in decode_directions(argv).items():
+            n = len(refs[d][0])
+            if len(result["pieces"]) != n or result["ids"] != list(range(n)):
+                raise BibleDataError(f"decoding {d} with {model['checkpoint']} gave "
+                                     f"{len(result['pieces'])} hypotheses for {n} test lines")
+            with open(os.path.join(out_dir, f"{d}.generate.txt"), "w", encoding="utf-8") as f:
+                f.write("# one process: " + " ".join(shlex.quote(c) for c in argv[d]) + "\n")
+                f.writelines(f"H-{i}\t{p}\n" for i, p in enumerate(result["pieces"]))
+            out[model["name"], d] = detok(result["pieces"])
+            model.setdefault("decoding", {})[d] = {"tokens": result["tokens"],
+                                                   "seconds": round(result["seconds"], 3)}
+        if todo:
+            model["decode_seconds"] = round(time.time() - t0, 2)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------
@@ -921,6 +960,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     t0 = time.time()
     row_hyps: Dict[str, Dict[str, List[str]]] = {}  # direction -> model -> hypotheses
+    decoded: Dict[Tuple[str, str], List[str]] = {}  # (model, direction) -> --one-process output
+    if args.one_process:
+        decoded = decode_in_process(args, data, manifest, models, directions, refs, detok)
     jobs = [(m, r) for m in models for r in rows]
     bar = tqdm(jobs, desc="evaluate", unit="dir", disable=args.quiet, file=sys.stderr)
     for model, row in bar:
@@ -938,6 +980,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             path = os.path.join(out_dir, f"{d}.hyp")
             if args.reuse and os.path.isfile(path):
                 hyps = read_lines(path)
+            elif (model["name"], d) in decoded:
+                hyps = decoded[model["name"], d]
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(h + "\n" for h in hyps)
             else:
                 hyps = decode(args, data, manifest, model["checkpoint"], d, len(ref),
                               os.path.join(out_dir, f"{d}.generate.txt"), detok)
@@ -1001,6 +1047,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         "manifest_settings": manifest.get("settings"),
         "models": models,
         "decoding": {"beam": args.beam, "lenpen": args.lenpen, "batch_size": args.batch_size,
+                     "one_process": args.one_process,
                      "max_tokens": args.max_tokens,
                      "moe_eval_capacity_token_fraction": args.moe_eval_capacity_token_fraction,
                      "encoder_langtok": args.encoder_langtok,
