@@ -6,7 +6,9 @@
 #   make bench      CPU micro-benchmark of the MoE layer
 #   make gpu-check  on a CUDA machine: gpu tests, fp16/bf16 training, layer and decoding benchmarks (<= ~5 min)
 #   make gpu-compare  dense vs MoE vs SMoE vs MoEC, same training time each, Bible m4, BLEU/chrF
-#                   (base models on CUDA, tiny on CPU; GPU_COMPARE_ARGS="--data DIR ..." passes flags)
+#                   (base models on CUDA in one 9-minute call, tiny on CPU; GPU_COMPARE_ARGS="--data DIR ...")
+#   make quality    the same comparison on 2 CPU cores within 100 minutes, at a size that
+#                   translates (run it alone; QUALITY_ARGS="--plan" prints the time budget)
 #   make specialization  the FashionMNIST expert-specialization study (arXiv 2302.14703), 3 seeds,
 #                   ~35 min on 2 cores (SPEC_ARGS="--seeds 5 --dataset mnist ..." passes flags)
 #   make clean      remove build artefacts (keeps .venv)
@@ -24,7 +26,7 @@ TORCH_REQ   := torch==2.13.0
 FAIRSEQ_REQ := ve-fairseq==0.12.3
 
 .DEFAULT_GOAL := venv
-.PHONY: venv test demo bench gpu-check gpu-compare specialization clean distclean
+.PHONY: venv test demo bench gpu-check gpu-compare quality specialization clean distclean
 
 venv: $(STAMP)
 
@@ -69,6 +71,9 @@ gpu-compare:
 
 gpu-check:
 	$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+quality: venv
+	OMP_WAIT_POLICY=PASSIVE $(PY) scripts/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info

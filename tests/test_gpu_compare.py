@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from conftest import subprocess_env  # noqa: E402
+from moe_fairseq.bible import significance  # noqa: E402
 
 BUDGET = 3  # seconds of training per method
 
@@ -53,6 +54,7 @@ def test_compare_end_to_end_on_cpu(small_benchmark, tmp_path):
                       "--budget-seconds", BUDGET)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: reused" in proc.stdout and "| dense |" in proc.stdout
+    assert "time budget:" in proc.stdout and "train moe" in proc.stdout
 
     summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     assert summary["size"] == "tiny" and summary["methods"] == ["dense", "moe"]
@@ -69,9 +71,25 @@ def test_compare_end_to_end_on_cpu(small_benchmark, tmp_path):
         assert Path(r["checkpoint"]).is_file()
         assert (out / "eval" / method / "de-en.hyp").read_text(encoding="utf-8").count("\n") == 50
     md = (out / "compare.md").read_text(encoding="utf-8")
+    boot = summary["bootstrap"]
+    assert boot["baseline"] == "dense" and boot["samples"] == 1000
     for method in ("dense", "moe"):
         r = summary["runs"][method]
-        assert f"| {method} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['updates']} |" in md
+        gaps = " | ".join(
+            [significance.format_delta(boot["all"][method][m]) for m in ("bleu", "chrf")])
+        assert (f"| {method} | {r['bleu']:.2f} | {r['chrf']:.2f} | {gaps} | {r['updates']} |"
+                in md)
+        # the learning curve: validation at the stop at least, in the log's order
+        assert r["curve"] and r["curve"][-1]["updates"] == r["updates"]
+        dec = summary["eval"]["decoding"][method]
+        assert dec["tokens"] > 0 and dec["tokens_per_second"] > 0
+    assert "baseline | baseline" in md
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and summary["curves_figure"] == str(out / "curves.png")
+    assert "![validation loss](curves.png)" in md and "## Learning curves" in md
+    assert set(summary["samples"]) == {"en-de", "de-en"} and "## Sample translations" in md
+    assert (out / "eval" / "samples.md").is_file()
+    assert summary["plan"]["total"] > 0 and f"(plan: {summary['plan']['total']:.0f} s)" in md
     per_direction = Path(summary["eval"]["table"])
     assert per_direction == out / "eval" / "results.md" and "| de-en |" in per_direction.read_text()
 
@@ -90,6 +108,8 @@ def test_compare_end_to_end_on_cpu(small_benchmark, tmp_path):
     (["--methods", "dense moee"], "--methods: unknown method(s) moee"),
     (["--methods", "moe,moe"], "--methods: a method is listed twice"),
     (["--budget-seconds", "0"], "--budget-seconds: must be positive"),
+    (["--validate-updates", "-1"], "--validate-updates must be >= 0, got -1"),
+    (["--prepare-args", "'--vocab"], "--prepare-args is not a valid shell-quoted string"),
     (["--budget-seconds", "nan"], "--budget-seconds: must be positive"),
     pytest.param(["--size", "base"], "--size base trains in fp16 on CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),

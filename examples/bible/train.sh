@@ -4,7 +4,8 @@
 #   examples/bible/train.sh METHOD SIZE DATA SAVE_DIR [extra fairseq-train flags ...]
 #
 #   METHOD  dense | moe | moec (cosine router, expert clusters) | smoe (stratified experts)
-#   SIZE    tiny (CPU: 2+2 layers, d=64, 4 experts) | base (one GPU: transformer-base, 8 experts)
+#   SIZE    tiny (CPU: 2+2 layers, d=64, 4 experts) | small (CPU: 3+3 layers, d=256, 4 experts)
+#           | base (one GPU: transformer-base, 8 experts)
 #   DATA    output folder of prepare.sh (holds bin/ and manifest.json)
 #
 # The multilingual setup follows the SMoE authors' recipe: translation_multi_simple_epoch
@@ -36,13 +37,19 @@ case "$size" in
     size_flags=(--cpu --max-tokens 4096 --lr 2e-3 --warmup-updates 200 --max-update 600
                 --dropout 0.1 --num-workers 0)
     experts=4 ;;
+  small)
+    dims=(--encoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --encoder-layers 3 --encoder-attention-heads 4
+          --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-layers 3 --decoder-attention-heads 4)
+    size_flags=(--cpu --max-tokens 4096 --lr 1e-3 --warmup-updates 400 --max-update 20000
+                --dropout 0.1 --num-workers 0)
+    experts=4 ;;
   base)
     dims=(--encoder-embed-dim 512 --encoder-ffn-embed-dim 2048 --encoder-layers 6 --encoder-attention-heads 8
           --decoder-embed-dim 512 --decoder-ffn-embed-dim 2048 --decoder-layers 6 --decoder-attention-heads 8)
     size_flags=(--fp16 --max-tokens 8192 --lr 7e-4 --warmup-updates 4000 --max-update 50000
                 --dropout 0.1 --num-workers 2)
     experts=8 ;;
-  *) echo "train.sh: error: SIZE must be tiny or base, got '$size'" >&2; exit 2 ;;
+  *) echo "train.sh: error: SIZE must be tiny, small or base, got '$size'" >&2; exit 2 ;;
 esac
 
 case "$method" in
@@ -51,8 +58,9 @@ case "$method" in
                --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0) ;;
   # The method presets (models/moec_transformer.py, models/smoe_transformer.py) set the
   # authors' routing flags; the sizes above override the presets' sizes.
-  moec)  arch=(--arch "moec_transformer_$size" --moe-eval-capacity-token-fraction 1.0) ;;
-  smoe)  arch=(--arch "smoe_transformer_$size" --moe-eval-capacity-token-fraction 1.0) ;;
+  # small takes the tiny presets' routing (2 clusters; strata 2,2), with its own dims.
+  moec)  arch=(--arch "moec_transformer_${size/small/tiny}" --moe-eval-capacity-token-fraction 1.0) ;;
+  smoe)  arch=(--arch "smoe_transformer_${size/small/tiny}" --moe-eval-capacity-token-fraction 1.0) ;;
   *) echo "train.sh: error: METHOD must be dense, moe, moec or smoe, got '$method'" >&2; exit 2 ;;
 esac
 

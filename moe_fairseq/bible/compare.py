@@ -1,23 +1,30 @@
-"""Dense vs MoE vs SMoE vs MoEC for the same wall-clock budget on the Bible m4 benchmark.
+"""Dense vs MoE vs SMoE vs MoEC for the same wall-clock budget on the Bible benchmark.
 
-    python scripts/gpu_compare.py                    # CUDA: base models, 60 s each; CPU: tiny
-    python scripts/gpu_compare.py --prepare-only --export runs/gpu_compare/m4
-    python scripts/gpu_compare.py --data runs/gpu_compare/m4 --budget-seconds 60
+The package side of ``scripts/gpu_compare.py`` (``make gpu-compare``: base models on one
+GPU within one 9-minute device call) and ``scripts/quality.py`` (``make quality``: the
+same comparison on 2 CPU cores within 100 minutes, at a size that translates):
 
 1. data: ``examples/bible/prepare.sh m4 DATA`` unless DATA already holds a build
    (manifest.json + bin/), so a machine without the data package (or network) runs
    on a folder built elsewhere; ``--export DIR`` copies just the files training and
    evaluation read (bin/, spm.model, manifest.json, raw/test references);
-2. train: ``examples/bible/train.sh METHOD SIZE DATA OUT/METHOD`` per method, one
+2. plan: the time budget of every phase (data, each method's start-up and training,
+   decoding, scoring) from the data's size and measured rates, printed before anything
+   starts (``--plan`` prints it and stops); a plan over ``--limit-seconds`` is refused;
+3. train: ``examples/bible/train.sh METHOD SIZE DATA OUT/METHOD`` per method, one
    after the other, each stopped by fairseq's ``--stop-time-hours`` (checked after
-   every update, on a clock that starts when fairseq's trainer is set up), without
-   validation and with a single checkpoint save at the stop;
-3. evaluate: ``examples/bible/evaluate.sh`` (beam 4) on every direction, in parallel
-   jobs, then one scoring pass that writes the side-by-side table.
-
-Prints one table (per method: BLEU and chrF averaged over directions, updates,
-training seconds, training tokens/s) and writes it to OUT/compare.md and
-OUT/compare.json; per-direction scores are in OUT/eval/results.md.
+   every update, on a clock that starts when fairseq's trainer is set up), validating
+   every ``--validate-updates`` updates on at most ``--max-valid-steps`` batches (the
+   learning curves; the clock includes it alike for every method), with a single
+   checkpoint save at the stop;
+4. evaluate: ``examples/bible/evaluate.sh --one-process`` (beam 4): each method's
+   directions decoded in one process, the model loaded once; then one scoring pass
+   that writes the per-direction table, paired-bootstrap intervals against dense and
+   sample translations;
+5. report: OUT/compare.md and OUT/compare.json (per method: BLEU and chrF averaged
+   over directions with the bootstrap interval of the gap to dense, updates, training
+   and decoding tokens/s; per direction; samples) and OUT/curves.png (validation loss
+   against wall-clock seconds and against updates, every method on one plot).
 """
 
 from __future__ import annotations
@@ -33,20 +40,54 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+
+from ..analysis.learning_curves import curves_markdown, plot_learning_curves, valid_points
+from . import significance
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("dense", "moe", "smoe", "moec")
 DEFAULT_OUT = "runs/gpu_compare"
-# train.sh's base warm-up (4000) is for 50k-update runs: a budget of a minute or a few
-# is hundreds to a few thousand updates, and the learning rate would stay far below
-# its peak.
-BASE_WARMUP = 500
+# train.sh's base warm-up (4000) is for 50k-update runs. A GPU comparison trains a base
+# model for 75 s: the H100 did 110-163 updates in 60 s (2026-11-26), so about 140-200
+# updates; the learning rate peaks after a third of them and decays (inverse sqrt) to
+# about 0.6 of its peak by the stop.
+BASE_WARMUP = 60
 # Hypotheses are capped at 2 x source + 10 pieces (at most 3 of the 1,179 m4 test
 # references per direction are longer): with fairseq's default cap of 200, undertrained
 # models that never emit </s> decode for 200 steps.
 MAX_LEN_ARGS = "--max-len-a 2 --max-len-b 10"
 BEAM = 4
+# One device call is 10 minutes; the GPU comparison keeps a minute of margin.
+GPU_LIMIT_SECONDS = 540
+# Training seconds per method by default: base fits 4 methods, start-up, decoding of 200
+# test lines per direction and scoring into GPU_LIMIT_SECONDS (see plan_budget).
+BASE_BUDGET, CPU_BUDGET = 75.0, 60.0
+
+
+def default_budget(size: str) -> float:
+    return BASE_BUDGET if size == "base" else CPU_BUDGET
+
+# What the plan assumes per phase (seconds), by device. Start-up: from starting
+# train.sh to fairseq's clock, plus the checkpoint save after it (H100, 2026-11-26:
+# 81-84 s of wall time for 60 s of fairseq's clock, base; tiny on 2 CPU cores: see
+# COST_NOTES). Decoding: loading a model once, then test lines per second over all
+# directions (beam 4, hypotheses capped at 2 x source + 10).
+COSTS = {
+    "cuda": {"startup": 24.0, "load": 12.0, "lines_per_second": 100.0, "score": 20.0},
+    "cpu": {"startup": 10.0, "load": 4.0, "lines_per_second": 12.0, "score": 20.0},
+}
+# make quality (scripts/quality.py): the CPU comparison's settings, chosen by measurement
+# on this 2-core machine (README, Translation quality); flags given after them win.
+QUALITY_ARGS = [
+    "--size", "small", "--budget-seconds", "1200", "--methods", "dense moe smoe moec",
+    "--data", "runs/quality/data", "--out", "runs/quality",
+    "--prepare-args=--vocab-size 8000", "--max-test-verses", "300",
+    "--eval-jobs", "2", "--limit-seconds", "6000",
+]
+COST_NOTES = ("start-up from the H100 run of 2026-11-26 (81-84 s wall for 60 s of training); "
+              "GPU decoding rate assumed (beam 4, batch 256, capped lengths), checked by the "
+              "run's own decode timing in compare.json; CPU values measured here")
 
 
 class CompareError(RuntimeError):
@@ -93,12 +134,14 @@ def build_parser(prog: str = "gpu_compare.py") -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="'M ...'",
                    help="methods to compare, space or comma separated (default: "
                         + " ".join(METHODS) + ")")
-    p.add_argument("--budget-seconds", type=_positive(float), default=60.0, metavar="S",
+    p.add_argument("--budget-seconds", type=_positive(float), metavar="S",
                    help="training wall-clock budget per method, fairseq's --stop-time-hours "
-                        "(default %(default)g)")
-    p.add_argument("--size", choices=("auto", "tiny", "base"), default="auto",
-                   help="train.sh model size: base (transformer-base, fp16; needs CUDA) or "
-                        "tiny (CPU); auto = base with CUDA, tiny without (default)")
+                        f"(default: {BASE_BUDGET:g} for base, which fits make gpu-compare in "
+                        f"one device call, {CPU_BUDGET:g} otherwise)")
+    p.add_argument("--size", choices=("auto", "tiny", "small", "base"), default="auto",
+                   help="train.sh model size: base (transformer-base; needs CUDA), small "
+                        "(CPU, d=256, 3+3 layers) or tiny (CPU, d=64, 2+2); auto = base with "
+                        "CUDA, tiny without (default)")
     p.add_argument("--data", default=os.path.join(DEFAULT_OUT, "data"), metavar="DIR",
                    help="benchmark folder: reused when it holds manifest.json and bin/, else "
                         "built there with prepare.sh m4 (default %(default)s)")
@@ -109,6 +152,9 @@ def build_parser(prog: str = "gpu_compare.py") -> argparse.ArgumentParser:
                         "(prepare_bible.py's flag). Decoding undertrained base models over the "
                         "full 1,179 lines x 8 directions x 4 methods took over 170 s on an "
                         "H100; 300 lines cut it about 4x (default: the full test set)")
+    p.add_argument("--prepare-args", default="", metavar="'FLAGS'",
+                   help="when building --data: more prepare_bible.py flags, one shell-quoted "
+                        "string (e.g. '--vocab-size 8000 --max-train-verses 20000')")
     p.add_argument("--prepare-only", action="store_true",
                    help="build (or check) --data, write --export if given, and stop")
     p.add_argument("--export", metavar="DIR",
@@ -133,6 +179,18 @@ def build_parser(prog: str = "gpu_compare.py") -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="keep methods already trained in --out with the same settings and "
                         "their decoded hypotheses (e.g. after a failed evaluation)")
+    p.add_argument("--validate-updates", type=int, default=None, metavar="N",
+                   help="validate every N updates (and at the stop) for the learning curves; "
+                        "0: no validation (default: 50 for base, 100 for tiny)")
+    p.add_argument("--max-valid-steps", type=_positive(int), default=10, metavar="N",
+                   help="batches per validation (fairseq's --max-valid-steps; default "
+                        "%(default)s): each point costs the same small time for every method")
+    p.add_argument("--plan", action="store_true",
+                   help="print the time budget of every phase and stop (no data is built: "
+                        "an existing --data is read for its size)")
+    p.add_argument("--limit-seconds", type=_positive(float), metavar="S",
+                   help="refuse to start when the plan's total is over S seconds (default: "
+                        f"{GPU_LIMIT_SECONDS} for base models on CUDA, no limit otherwise)")
     return p
 
 
@@ -203,6 +261,7 @@ def prepare(args, env) -> dict:
         if args.max_test_verses:
             caps = ["--max-test-verses", str(args.max_test_verses),
                     "--min-test-verses", str(min(args.max_test_verses, 1000))]
+        caps += shlex.split(args.prepare_args)
         print(f"building the m4 benchmark in {args.data} (prepare.sh m4 {' '.join(caps)})",
               flush=True)
         proc = subprocess.run(["bash", os.path.join(REPO, "examples/bible/prepare.sh"), "m4",
@@ -247,6 +306,75 @@ def export(data: str, dest: str, manifest: dict) -> int:
     print(f"exported {len(files)} files ({size / 1e6:.1f} MB) to {dest}; on the other machine: "
           f"python scripts/gpu_compare.py --data {dest}", flush=True)
     return size
+
+
+# ---------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------
+
+
+def test_lines(manifest: Optional[dict], cap: Optional[int]) -> Tuple[int, int]:
+    """(directions, test lines over all directions) of a build, or of the m4 build
+    prepare.sh would make (8 directions, 1,179 lines each, or ``cap``)."""
+    if manifest is None:
+        return 8, 8 * min(cap or 1179, 1179)
+    counts = manifest.get("counts", {})
+    lines = 0
+    for d in manifest["directions"]:
+        src, tgt = d.split("-")
+        pair = counts.get(f"{src}-{tgt}") or counts.get(f"{tgt}-{src}") or {}
+        lines += int(pair.get("test", 0))
+    return len(manifest["directions"]), lines
+
+
+def plan_budget(args, manifest: Optional[dict], cuda: bool) -> dict:
+    """Seconds each phase is given or expected to take (see ``COSTS``), their total and
+    the limit it must stay under."""
+    costs = COSTS["cuda" if cuda else "cpu"]
+    rows = []
+    if manifest is None:
+        rows.append(("data", 90.0, "build m4 with prepare.sh (about 1 minute here)"))
+    else:
+        rows.append(("data", 2.0, "reuse " + describe(manifest)))
+    for m in args.methods:
+        rows.append((f"train {m}", args.budget_seconds + costs["startup"],
+                     f"{args.budget_seconds:g} s of fairseq's clock + {costs['startup']:g} s "
+                     "start-up and save"))
+    directions, lines = test_lines(manifest, args.max_test_verses)
+    per_model = costs["load"] + lines / costs["lines_per_second"]
+    # CPU: single-threaded jobs side by side, one per core at most; one GPU: no overlap
+    # assumed.
+    parallel = 1 if cuda else max(1, min(args.eval_jobs or os.cpu_count() or 1, os.cpu_count() or 1,
+                                         len(args.methods)))
+    rows.append(("decode", per_model * len(args.methods) / parallel,
+                 f"{len(args.methods)} x ({costs['load']:g} s load + {lines} lines over "
+                 f"{directions} directions at {costs['lines_per_second']:g} lines/s)"
+                 + (f", {parallel} jobs at once" if parallel > 1 else "")))
+    rows.append(("score", costs["score"], "BLEU/chrF, paired bootstrap, samples, figures"))
+    total = sum(r[1] for r in rows)
+    limit = args.limit_seconds
+    if limit is None and cuda and args.size == "base":
+        limit = float(GPU_LIMIT_SECONDS)
+    return {"rows": [{"phase": p, "seconds": round(sec, 1), "what": w} for p, sec, w in rows],
+            "total": round(total, 1), "limit": limit, "costs": costs, "notes": COST_NOTES}
+
+
+def format_plan(plan: dict) -> str:
+    lines = ["time budget:"]
+    for r in plan["rows"]:
+        lines.append(f"  {r['phase']:<14}{r['seconds']:>8.0f} s  {r['what']}")
+    limit = "" if plan["limit"] is None else f" (limit {plan['limit']:.0f} s)"
+    lines.append(f"  {'total':<14}{plan['total']:>8.0f} s{limit}")
+    return "\n".join(lines)
+
+
+def check_plan(plan: dict, args) -> None:
+    if plan["limit"] is not None and plan["total"] > plan["limit"]:
+        spare = plan["limit"] - (plan["total"] - args.budget_seconds * len(args.methods))
+        hint = (f"--budget-seconds {math.floor(spare / len(args.methods))} would fit"
+                if spare >= len(args.methods) else "fewer --methods or a smaller test set would")
+        raise CompareError(f"the plan takes {plan['total']:.0f} s, over the limit of "
+                           f"{plan['limit']:.0f} s (--limit-seconds): {hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +435,7 @@ def train_settings(args, method: str, data: dict) -> dict:
     return {"method": method, "size": args.size, "budget_seconds": args.budget_seconds,
             "precision": args.precision if args.size == "base" else "fp32",
             "warmup_updates": args.warmup_updates, "train_args": args.train_args,
+            "validate_updates": args.validate_updates, "max_valid_steps": args.max_valid_steps,
             "data": data["data"], "data_created": data["manifest"].get("created")}
 
 
@@ -329,10 +458,16 @@ def train(args, method: str, data: dict, env) -> dict:
            save_dir,
            "--stop-time-hours", f"{args.budget_seconds / 3600:.9g}",
            "--max-update", "100000000",  # the clock stops training, nothing else
-           "--disable-validation",  # nor is the budget spent on validation
            "--save-interval", "100000000",  # one checkpoint, saved at the stop
            "--no-save-optimizer-state",  # smaller and faster to write; not resumed
            "--log-format", "json", "--no-progress-bar"]
+    if args.validate_updates:
+        # The learning curves: a few batches every N updates (and at the stop, and at
+        # the end of an epoch, as fairseq does), no best-checkpoint bookkeeping.
+        cmd += ["--validate-interval-updates", str(args.validate_updates),
+                "--max-valid-steps", str(args.max_valid_steps)]
+    else:
+        cmd += ["--disable-validation"]
     if args.warmup_updates:
         cmd += ["--warmup-updates", str(args.warmup_updates)]
     if args.size == "base" and args.precision == "bf16":
@@ -355,6 +490,7 @@ def train(args, method: str, data: dict, env) -> dict:
         raise CompareError(f"training {method} failed (exit {proc.returncode}, log: "
                            f"{log_path}):\n{tail}")
     stats = parse_train_log(text)
+    stats["curve"] = valid_points(text)
     if not stats["updates"]:
         raise CompareError(f"training {method} did no update within {args.budget_seconds:g} s "
                            f"(log: {log_path}); raise --budget-seconds")
@@ -383,17 +519,19 @@ def split(items: Sequence[str], parts: int) -> List[List[str]]:
 
 
 def evaluate(args, runs: Dict[str, dict], data: dict, cuda: bool, env) -> dict:
-    """Decode in parallel evaluate.sh jobs (``--eval-jobs`` at once; a method's
-    directions are split over several jobs when there are more jobs than methods:
-    each fairseq-generate call spends seconds starting up, so one GPU decodes best
-    with several running), then one evaluate.sh pass over all methods with
-    ``--reuse`` scores them and writes the side-by-side table."""
+    """Decode in parallel evaluate.sh jobs (``--eval-jobs`` at once), each decoding its
+    directions in one process (``--one-process``: the model loaded once; a method's
+    directions are split over several jobs only when there are more jobs than
+    methods), then one evaluate.sh pass over all methods with ``--reuse`` scores them:
+    the side-by-side table, the paired bootstrap against dense and sample translations."""
     eval_dir = os.path.join(args.out, "eval")
     jobs_dir = os.path.join(eval_dir, "jobs")
     directions = data["manifest"]["directions"]
     flags = ["--beam", str(BEAM), "--batch-size", str(args.batch_size or (256 if cuda else 64)),
              "--generate-args", MAX_LEN_ARGS, "--quiet"]
     flags += (["--fp16"] if args.size == "base" else []) if cuda else ["--cpu"]
+    decode_flags = ["--one-process", "--bootstrap", "0", "--samples", "0"]
+    score_flags = ["--samples", "3"] + (["--baseline", "dense"] if "dense" in runs else [])
     script = os.path.join(REPO, "examples/bible/evaluate.sh")
     cores = os.cpu_count() or 1
 
@@ -417,7 +555,7 @@ def evaluate(args, runs: Dict[str, dict], data: dict, cuda: bool, env) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         cmd = ["bash", script, args.data, out, f"{method}={runs[method]['checkpoint']}", "--",
-               *flags, "--directions", ",".join(group)]
+               *flags, *decode_flags, "--directions", ",".join(group)]
         log_path = out + ".log"
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env)
@@ -430,6 +568,11 @@ def evaluate(args, runs: Dict[str, dict], data: dict, cuda: bool, env) -> dict:
             for ext in (".hyp", ".generate.txt"):
                 os.replace(os.path.join(out, method, d + ext),
                            os.path.join(eval_dir, method, d + ext))
+        with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+            timing = json.load(f)["models"][0].get("decoding", {})
+        with open(os.path.join(eval_dir, method, f"decoding.{i}.json"), "w",
+                  encoding="utf-8") as f:
+            json.dump(timing, f)
 
     t0 = time.time()
     if todo:
@@ -446,14 +589,27 @@ def evaluate(args, runs: Dict[str, dict], data: dict, cuda: bool, env) -> dict:
         shutil.rmtree(jobs_dir)
     decode_seconds = time.time() - t0
     cmd = ["bash", script, args.data, eval_dir,
-           *[f"{m}={r['checkpoint']}" for m, r in runs.items()], "--", *flags, "--reuse"]
+           *[f"{m}={r['checkpoint']}" for m, r in runs.items()], "--", *flags, *score_flags,
+           "--reuse"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env)
     if proc.returncode != 0:
         raise CompareError(f"scoring failed:\n{proc.stdout[-3000:]}")
     with open(os.path.join(eval_dir, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
-    return {"results": results, "seconds": round(time.time() - t0, 1),
+    decoding = {}
+    for m in runs:
+        tokens = seconds = 0.0
+        folder = os.path.join(eval_dir, m)
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("decoding.") and name.endswith(".json"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    for t in json.load(f).values():
+                        tokens += t["tokens"]
+                        seconds += t["seconds"]
+        decoding[m] = {"tokens": int(tokens), "seconds": round(seconds, 2),
+                       "tokens_per_second": tokens / seconds if seconds else None}
+    return {"results": results, "decoding": decoding, "seconds": round(time.time() - t0, 1),
             "decode_seconds": round(decode_seconds, 1), "jobs": jobs, "tasks": len(tasks),
             "table": os.path.abspath(os.path.join(eval_dir, "results.md")),
             "decoded": todo}
@@ -470,28 +626,82 @@ def _num(value, fmt="{:.2f}") -> str:
 
 def report(summary: dict) -> str:
     s = summary
-    lines = [f"# {' vs '.join(s['methods'])}: {s['budget_seconds']:g} s of training each",
+    methods = s["methods"]
+    boot = s.get("bootstrap") or {}
+    base = boot.get("baseline")
+    lines = [f"# {' vs '.join(methods)}: {s['budget_seconds']:g} s of training each",
              "",
              f"- device: {s['device']}; size {s['size']} ({s['precision']}); "
              f"data: {s['data']['description']}",
-             f"- decoding: beam {BEAM}, {MAX_LEN_ARGS}; per direction: `{s['eval']['table']}`",
-             "",
-             "| method | BLEU | chrF | updates | train s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for m in s["methods"]:
+             f"- decoding: beam {BEAM}, {MAX_LEN_ARGS}, each method's directions in one "
+             f"process; per direction: `{s['eval']['table']}`",
+             ""]
+    gap = f" | ΔBLEU vs {base} [95%] | ΔchrF vs {base} [95%]" if base else ""
+    lines += [f"| method | BLEU | chrF{gap} | updates | train s | train tokens/s | "
+              "decode tokens/s |",
+              "|---|---:|---:|" + ("---:|---:|" if base else "") + "---:|---:|---:|---:|"]
+    for m in methods:
         r = s["runs"][m]
-        lines.append(f"| {m} | {_num(r['bleu'])} | {_num(r['chrf'])} | {r['updates']} | "
-                     f"{_num(r['train_seconds'], '{:.1f}')} | "
-                     f"{_num(r['tokens_per_second'], '{:,.0f}')} |")
+        cells = [m, _num(r["bleu"]), _num(r["chrf"])]
+        if base:
+            avg = boot["all"][m]
+            cells += [significance.format_delta(avg["bleu"]),
+                      significance.format_delta(avg["chrf"])]
+        dec = s["eval"]["decoding"].get(m, {})
+        cells += [str(r["updates"]), _num(r["train_seconds"], "{:.1f}"),
+                  _num(r["tokens_per_second"], "{:,.0f}"),
+                  _num(dec.get("tokens_per_second"), "{:,.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"BLEU, chrF: unweighted means over the {len(s['directions'])} directions "
+              "(single reference, sacrebleu)"
+              + (f"; Δ: paired bootstrap against {base} ({boot['samples']} resamples of each "
+                 "direction, the mean over directions), `*` = the 95% interval excludes 0"
+                 if base else "")
+              + ". train s: fairseq's cumulative training time when --stop-time-hours stopped "
+              "it (from trainer set-up, data loading and validation included, to the last "
+              "update). train tokens/s: target tokens of all updates (sum of wpb x updates "
+              "over the `train` log records) / train s. decode tokens/s: generated tokens / "
+              "generation seconds over all directions.", ""]
+    # per direction
+    header = ["direction"] + [f"BLEU {m}" for m in methods] + [f"chrF {m}" for m in methods]
+    lines += ["## Per direction", "", "| " + " | ".join(header) + " |",
+              "|---|" + "---:|" * (len(header) - 1)]
+    for d in s["directions"]:
+        cells = [d] + [_num(s["runs"][m]["per_direction"][d]["bleu"]) for m in methods] + \
+                [_num(s["runs"][m]["per_direction"][d]["chrf"]) for m in methods]
+        lines.append("| " + " | ".join(cells) + " |")
+    if base:
+        others = [m for m in methods if m != base]
+        lines += ["", f"Gaps to {base} with their 95% intervals, per direction:", "",
+                  "| direction | " + " | ".join(f"ΔBLEU {m}" for m in others) + " |",
+                  "|---|" + "---:|" * len(others)]
+        for d in s["directions"]:
+            lines.append(f"| {d} | " + " | ".join(
+                significance.format_delta(boot["directions"][d][m]["bleu"]) for m in others)
+                + " |")
+    # curves
+    curves = {m: s["runs"][m].get("curve") or [] for m in methods}
+    lines += ["", "## Learning curves", ""]
+    if s.get("curves_figure"):
+        lines += [f"![validation loss]({os.path.basename(s['curves_figure'])})", ""]
+    lines += curves_markdown(curves)
+    # samples
+    samples = s.get("samples") or {}
+    if samples:
+        lines += ["", "## Sample translations", "",
+                  "One line per direction (all in `eval/samples.md`).", ""]
+        for d, items in samples.items():
+            item = items[0]
+            lines += [f"**{d}**, line {item['line'] + 1}", "", "```"]
+            width = max(len(x) for x in ["source", "reference", *methods])
+            if item.get("source") is not None:
+                lines.append(f"{'source':<{width}}  {item['source']}")
+            lines.append(f"{'reference':<{width}}  {item['reference']}")
+            lines += [f"{m:<{width}}  {item['outputs'][m]}" for m in methods]
+            lines += ["```", ""]
     phases = ", ".join(f"{name} {sec:.0f} s" for name, sec in s["phase_seconds"].items())
-    lines += ["",
-              f"BLEU, chrF: unweighted means over the {len(s['directions'])} directions "
-              "(single reference, sacrebleu). train s: fairseq's cumulative training time when "
-              "--stop-time-hours stopped it (from trainer set-up, data loading included, to "
-              "the last update). tokens/s: target tokens of all updates (sum of wpb x updates "
-              "over the `train` log records) / train s.",
-              "",
-              f"Wall time: {phases}; total {s['total_seconds']:.0f} s."]
+    lines += ["", f"Wall time: {phases}; total {s['total_seconds']:.0f} s (plan: "
+              f"{s['plan']['total']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -509,18 +719,31 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "gpu_compare.py") -> d
                      "use --size tiny (or auto)")
     if args.warmup_updates is None and args.size == "base":
         args.warmup_updates = BASE_WARMUP
+    if args.budget_seconds is None:
+        args.budget_seconds = default_budget(args.size)
+    if args.validate_updates is None:
+        args.validate_updates = 50 if args.size == "base" else 100
+    if args.validate_updates < 0:
+        parser.error(f"--validate-updates must be >= 0, got {args.validate_updates}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a folder")
-    try:
-        shlex.split(args.train_args)
-    except ValueError as exc:
-        parser.error(f"--train-args is not a valid shell-quoted string ({exc})")
+    for flag, value in (("--train-args", args.train_args), ("--prepare-args", args.prepare_args)):
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            parser.error(f"{flag} is not a valid shell-quoted string ({exc})")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     if not cuda:
         # idle OpenMP threads sleep instead of spinning: on a busy 2-core machine a
         # spinning team made tiny training 3x slower
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     device = f"CUDA: {torch.cuda.get_device_name(0)}" if cuda else f"CPU ({os.cpu_count()} cores)"
+
+    plan = plan_budget(args, read_manifest(args.data), cuda)
+    print(format_plan(plan), flush=True)
+    if args.plan:
+        return {"plan": plan}
+    check_plan(plan, args)
 
     phases: Dict[str, float] = {}
     data = prepare(args, env)
@@ -542,6 +765,13 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "gpu_compare.py") -> d
     phases["evaluate"] = ev["seconds"]
 
     results = ev["results"]
+    curves_figure = os.path.join(args.out, "curves.png")
+    curves = {m: runs[m].get("curve") or [] for m in runs}
+    if any(curves.values()):
+        plot_learning_curves(curves, curves_figure,
+                             f"{' vs '.join(runs)}: {args.budget_seconds:g} s each ({device})")
+    else:
+        curves_figure = None
     overall = next(a for a in results["averages"] if a["group"] == "all")
     for m, r in runs.items():
         r["bleu"] = overall["scores"][m]["bleu"]
@@ -560,6 +790,14 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "gpu_compare.py") -> d
         "decoding": results["decoding"],
         "signatures": results["signatures"],
         "runs": runs,
+        "bootstrap": ({**results["bootstrap"],
+                       "all": overall.get("bootstrap"),
+                       "directions": {row["direction"]: row.get("bootstrap")
+                                      for row in results["directions"]}}
+                      if results.get("bootstrap") else None),
+        "samples": results.get("samples"),
+        "curves_figure": curves_figure,
+        "plan": plan,
         "phase_seconds": phases,
         "total_seconds": round(time.time() - t_start, 1),
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
