@@ -310,3 +310,17 @@ def trained(data_bin, tmp_path_factory) -> TrainedRun:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA device (skips with a reason without one; make gpu-check)")
+
+
+def opcheck_every(calls) -> dict:
+    """``torch.library.opcheck`` on each custom op of ``calls`` (op -> list of argument
+    tuples): schema, fake implementation against the real one, autograd registration,
+    AOT dispatch. Returns the op names with the number of argument sets checked."""
+    import torch
+
+    done = {}
+    for op, arg_sets in calls.items():
+        for args in arg_sets:
+            torch.library.opcheck(op, args)
+        done[op._name] = len(arg_sets)
+    return done

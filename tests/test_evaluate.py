@@ -380,6 +380,18 @@ def test_decode_with_a_real_moe_checkpoint(tmp_path):
     assert (out / "results.md").is_file()
 
 
+DE_HYP = ["Am Anfang schuf Gott Himmel und Erde.", "Die Erde war leer.", "Gott sprach: Licht!",
+          "Jesus weinte."]
+
+
+def two_models(tmp_path):
+    """Data and hypotheses of two models A and B on en-de and de-en."""
+    data = make_data(tmp_path)
+    a = write_hyps(tmp_path / "A", {"en-de": DE_HYP, "de-en": HYPS})
+    b = write_hyps(tmp_path / "B", {"en-de": DE_HYP[::-1], "de-en": KJV})
+    return data, a, b, DE_HYP
+
+
 def test_evaluate_paired_bootstrap_table(tmp_path, capsys):
     """Two models: results.json holds each direction's and each average's paired
     bootstrap against the baseline (B by --baseline), equal to significance.py run on
@@ -387,11 +399,7 @@ def test_evaluate_paired_bootstrap_table(tmp_path, capsys):
     or --bootstrap is refused before anything is read."""
     from moe_fairseq.bible import significance
 
-    data = make_data(tmp_path)
-    de_hyp = ["Am Anfang schuf Gott Himmel und Erde.", "Die Erde war leer.", "Gott sprach: Licht!",
-              "Jesus weinte."]
-    a = write_hyps(tmp_path / "A", {"en-de": de_hyp, "de-en": HYPS})
-    b = write_hyps(tmp_path / "B", {"en-de": de_hyp[::-1], "de-en": KJV})
+    data, a, b, de_hyp = two_models(tmp_path)
     out = tmp_path / "res"
     res = E.run(["--data", str(data), "--hypotheses", f"A={a}", "--hypotheses", f"B={b}",
                  "--directions", "en-de,de-en", "--baseline", "B", "--bootstrap", "200",
@@ -424,11 +432,7 @@ def test_evaluate_paired_bootstrap_table(tmp_path, capsys):
 def test_evaluate_writes_sample_translations(tmp_path):
     """--samples 2: the same two test lines of each direction for every model, with
     source, reference and outputs, in results.json and samples.md."""
-    data = make_data(tmp_path)
-    de_hyp = ["Am Anfang schuf Gott Himmel und Erde.", "Die Erde war leer.", "Gott sprach: Licht!",
-              "Jesus weinte."]
-    a = write_hyps(tmp_path / "A", {"en-de": de_hyp, "de-en": HYPS})
-    b = write_hyps(tmp_path / "B", {"en-de": de_hyp[::-1], "de-en": KJV})
+    data, a, b, de_hyp = two_models(tmp_path)
     out = tmp_path / "res"
     res = E.run(["--data", str(data), "--hypotheses", f"A={a}", "--hypotheses", f"B={b}",
                  "--directions", "en-de,de-en", "--samples", "2", "--bootstrap", "0",

@@ -134,3 +134,17 @@ def test_test_cap_must_match_a_reused_build(small_benchmark):
     proc = run_script("--prepare-only", "--data", data, "--max-test-verses", "7", timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "--max-test-verses 7" in proc.stderr and f"--data {data}" in proc.stderr
+
+
+def test_directions_are_checked_against_the_build(small_benchmark, tmp_path):
+    """--directions names directions of --data (one line otherwise, before any work);
+    the plan then decodes only them."""
+    data, _ = small_benchmark
+    proc = run_script("--prepare-only", "--data", data, "--directions", "de-en,de-fr", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"gpu_compare.py: error: --directions de-en,de-fr: not a direction of --data {data}: "
+        "de-fr; it has en-de,de-en")
+    proc = run_script("--plan", "--data", data, "--directions", "de-en", "--out", tmp_path / "o",
+                      timeout=60)
+    assert proc.returncode == 0 and "50 lines over 1 direction at" in proc.stdout

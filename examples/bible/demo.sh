@@ -48,7 +48,7 @@ bash examples/bible/evaluate.sh "$data" "$dir/eval" "${models[@]}" \
   -- --cpu --beam 4 --batch-size 64 --reuse --samples 3
 printf '\nSample verses, every model (%s/eval/samples.md):\n\n' "$dir"
 tail -n +5 "$dir/eval/samples.md"
-printf '%s\n' "These are pipeline-check models (tiny, $updates updates on CPU): their BLEU is near 1 and the gaps between them are noise. The comparison at a size that translates: make gpu-compare on a GPU (README, On a GPU)."
+printf '%s\n' "These are pipeline-check models (tiny, $updates updates on CPU): their BLEU is near 1 and the gaps between them are noise. The comparison at a size that translates: make quality (CPU, 100 minutes) or make gpu-compare (one GPU); README, Translation quality."
 
 for method in "${methods[@]}"; do
   [ "$method" = dense ] && continue

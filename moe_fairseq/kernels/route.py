@@ -38,6 +38,26 @@ FP32_EPS = tl.constexpr(1.1920928955078125e-07)
 
 
 @triton.jit
+def _token_block(pid, mask_ptr, T, E, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """Program ``pid``'s tokens: rows (int64), row and column bounds, the ``[BLOCK_T,
+    BLOCK_E]`` tile mask and offsets into a ``[T, E]`` tensor, and which rows are tokens
+    (in range and, with a mask, not padding)."""
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    tile = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * E + cols[None, :]
+    if HAS_MASK:
+        tok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    else:
+        tok = row_ok
+    return rows, row_ok, cols, col_ok, tile, offs, tok
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr, noise_ptr, mask_ptr,
     probs_ptr, index_ptr, gates_ptr, lse_ptr, counts_ptr, fpart_ptr,
@@ -47,13 +67,8 @@ def _route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    col_ok = cols < E
-    tile = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * E + cols[None, :]
+    rows, row_ok, cols, col_ok, tile, offs, tok = _token_block(pid, mask_ptr, T, E, HAS_MASK,
+                                                               BLOCK_T, BLOCK_E)
     logits = tl.load(logits_ptr + offs, mask=tile, other=0.0)
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     peak = tl.max(logits, 1)
@@ -63,10 +78,6 @@ def _route_kernel(
     lse = peak + tl.log(total)
     tl.store(probs_ptr + offs, probs, mask=tile)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    if HAS_MASK:
-        tok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-    else:
-        tok = row_ok
 
     first = tl.argmax(probs, 1, tie_break_left=True)
     g1 = tl.max(probs, 1)
@@ -146,18 +157,9 @@ def _route_backward_kernel(
     NORM_BEFORE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    col_ok = cols < E
-    tile = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * E + cols[None, :]
+    rows, row_ok, cols, col_ok, tile, offs, tok = _token_block(pid, mask_ptr, T, E, HAS_MASK,
+                                                               BLOCK_T, BLOCK_E)
     probs = tl.load(probs_ptr + offs, mask=tile, other=0.0)
-    if HAS_MASK:
-        tok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-    else:
-        tok = row_ok
     # dL/dprobs, then the softmax backward.
     grad = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     if HAS_PROBS_GRAD:
