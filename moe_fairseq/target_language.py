@@ -6,7 +6,7 @@ For ``--task translation_multi_simple_epoch`` the language is read from the
 uses this to log SMoE's requested capacity per target language.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,6 +63,25 @@ def target_language_index(task, sample) -> Optional[Tuple[Tensor, List[str]]]:
         return torch.full((langs.size(0),), -1, dtype=torch.long, device=langs.device), names
     first = (langs >= 0).to(torch.int8).argmax(dim=1)  # first language token of each row
     return langs.gather(1, first[:, None]).squeeze(1), names
+
+
+def sums_by_target_language(task, sample, values: Dict[str, Tensor]
+                            ) -> Optional[Dict[str, Dict[str, Union[int, float]]]]:
+    """``{lang: {name: sum}}``: each ``values[name]`` (``[B]``, one value per sentence of
+    the batch) summed over the sentences translated into ``lang`` (ints stay ints). None
+    when the batch carries no target-language token or a value is not ``[B]``-shaped."""
+    found = target_language_index(task, sample)
+    if found is None:
+        return None
+    index, names = found
+    if any(v.numel() != index.numel() for v in values.values()):
+        return None
+    out = {}
+    for i in index.unique().tolist():
+        if i >= 0:
+            out[names[i]] = {name: v[(index == i).to(v.device)].sum().item()
+                             for name, v in values.items()}
+    return out
 
 
 def expert_language_counts(first_expert: Tensor, sentence_language: Tensor, num_experts: int,

@@ -14,7 +14,7 @@ batch carries target-language tokens, ``smoe_passes_<lang>`` / ``smoe_tokens_<la
 import re
 from typing import Dict, List, Optional
 
-from ..target_language import target_language_index
+from ..target_language import sums_by_target_language
 
 _STRATUM_KEY = re.compile(r"smoe_s(\d+)_tokens$")
 _LANG_TOKENS = "smoe_tokens_"
@@ -36,19 +36,12 @@ def capacity_counts(stats: List, task=None, sample=None) -> Dict[str, int]:
             out[f"smoe_s{i}_tokens"] = out.get(f"smoe_s{i}_tokens", 0) + n
     if task is None or any(s.sentence_passes is None for s in layers):
         return out
-    found = target_language_index(task, sample)
-    if found is None:
-        return out
-    index, names = found
-    passes = sum(s.sentence_passes for s in layers)
-    tokens = sum(s.sentence_tokens for s in layers)
-    if passes.numel() != index.numel():  # not [batch]-shaped: nothing to attribute
-        return out
-    for i in index.unique().tolist():
-        if i >= 0:
-            rows = index == i
-            out[_LANG_PASSES + names[i]] = int(passes[rows].sum())
-            out[_LANG_TOKENS + names[i]] = int(tokens[rows].sum())
+    by_lang = sums_by_target_language(task, sample, {
+        "passes": sum(s.sentence_passes for s in layers),
+        "tokens": sum(s.sentence_tokens for s in layers)})
+    for lang, sums in (by_lang or {}).items():
+        out[_LANG_PASSES + lang] = int(sums["passes"])
+        out[_LANG_TOKENS + lang] = int(sums["tokens"])
     return out
 
 
