@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 ARGS_VERSION = 3
 ARGS_VERSION_KEY = "moe_args_version"
 # Prefixes of the flags a resumed checkpoint's settings are taken for.
-MOE_FLAG_PREFIXES = ("moe_", "moec_", "smoe_")
+MOE_FLAG_PREFIXES = ("moe_", "moec_", "smoe_", "cmr_")
 # fairseq flags that a preset sets (SMoE: pre-norm) and a checkpoint records.
 PRESET_FAIRSEQ_FLAGS = ("encoder_normalize_before", "decoder_normalize_before")
 

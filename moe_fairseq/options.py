@@ -113,8 +113,34 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-attentive-dim", type=int, metavar="R",
                        help="--moe-router attentive: size r of the query and of each expert's "
                             "representation U_e x (default 16)")
+    add_nllb_args(parser)
     add_moec_args(parser)
     add_smoe_args(parser)
+
+
+def add_nllb_args(parser: argparse.ArgumentParser) -> None:
+    """NLLB-MoE's regularizers (arXiv 2207.04672) and batch-prioritized routing (V-MoE,
+    arXiv 2106.05974), spelled as fairseq's MoE code spells them."""
+    group = parser.add_argument_group("NLLB-MoE regularizers and batch-prioritized routing")
+    group.add_argument("--moe-eom", type=float, metavar="P",
+                       help="expert output masking: in training each token-expert output is "
+                            "dropped with probability P (only the residual and the token's "
+                            "other expert pass), at inference every expert output is scaled "
+                            "by 1-P (NLLB-MoE; their recipes 0.2); 0 <= P < 1, default 0")
+    group.add_argument("--moe-cmr", action="store_true", default=None,
+                       help="conditional MoE routing: a sigmoid gate g per token mixes a "
+                            "shared dense FFN (the layer's FFN width) and the MoE layer, "
+                            "(1-g) FFN(x) + g MoE(x); the budget term is the criterion's "
+                            "--cmr-gate-loss-wt/--cmr-gate-loss-p (NLLB-MoE)")
+    group.add_argument("--cmr-gate-drop", type=float, metavar="P",
+                       help="--moe-cmr: dropout on the CMR gate g in training (as torch's "
+                            "Dropout: kept gates scaled by 1/(1-P), as fairseq's CMR); "
+                            "0 <= P < 1, default 0")
+    group.add_argument("--moe-batch-prioritized-routing", action="store_true", default=None,
+                       help="when capacity binds, tokens with the highest router probability "
+                            "claim it first (first choices before second choices), instead of "
+                            "the earliest tokens (V-MoE; fairseq's top2gating); needs a "
+                            "capacity (--moe-capacity-factor > 0)")
 
 
 def add_moec_args(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +219,10 @@ def moe_defaults(args: argparse.Namespace, expert_count: int) -> None:
         moe_jitter_eps=0.0,
         moe_expert_ffn_dim=None,
         moe_attentive_dim=16,
+        moe_eom=0.0,
+        moe_cmr=False,
+        cmr_gate_drop=0.0,
+        moe_batch_prioritized_routing=False,
         moec_routing_dim=32,
         moec_clusters=1,
         moec_var_coef=0.0,
@@ -231,6 +261,10 @@ class MoEOptions:
     token_order: str = "batch-major"
     kernels: str = "auto"  # --moe-kernels
     layer_expert_counts: Optional[List[int]] = None  # per MoE layer; None = expert_count
+    eom: float = 0.0  # --moe-eom
+    cmr: bool = False  # --moe-cmr
+    cmr_gate_drop: float = 0.0  # --cmr-gate-drop
+    batch_prioritized: bool = False  # --moe-batch-prioritized-routing
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MoEOptions":
@@ -257,6 +291,10 @@ class MoEOptions:
             token_order=args.moe_token_order,
             kernels=getattr(args, "moe_kernels", None) or "auto",
             layer_expert_counts=parse_expert_counts(getattr(args, "moe_layer_expert_counts", None)),
+            eom=float(getattr(args, "moe_eom", 0.0) or 0.0),
+            cmr=bool(getattr(args, "moe_cmr", False)),
+            cmr_gate_drop=float(getattr(args, "cmr_gate_drop", 0.0) or 0.0),
+            batch_prioritized=bool(getattr(args, "moe_batch_prioritized_routing", False)),
         )
 
     def for_layer(self, ordinal: int, num_layers: int) -> "MoEOptions":
@@ -380,6 +418,7 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(f"--moe-attentive-dim must be a positive integer, got {r}")
     validate_moec_args(args)
     validate_smoe_args(args)
+    validate_nllb_args(args)
     counts = parse_expert_counts(getattr(args, "moe_layer_expert_counts", None))
     if counts is not None:
         if min(counts) < args.moe_top_k:
@@ -417,6 +456,30 @@ def validate_moe_args(args: argparse.Namespace) -> None:
         raise MoEConfigError(
             "--encoder-layers-to-keep/--decoder-layers-to-keep are not supported with MoE layers"
         )
+
+
+def validate_nllb_args(args: argparse.Namespace) -> None:
+    """``--moe-eom``, ``--moe-cmr``/``--cmr-gate-drop`` and
+    ``--moe-batch-prioritized-routing``, and the routers they make no sense with."""
+    for flag, name in (("--moe-eom", "moe_eom"), ("--cmr-gate-drop", "cmr_gate_drop")):
+        p = getattr(args, name, 0.0) or 0.0
+        if not 0 <= p < 1:  # nan fails too
+            raise MoEConfigError(f"{flag} must be in [0, 1), got {p}")
+    cmr = bool(getattr(args, "moe_cmr", False))
+    drop = getattr(args, "cmr_gate_drop", 0.0) or 0.0
+    if drop > 0 and not cmr:
+        raise MoEConfigError(f"--cmr-gate-drop {drop} needs --moe-cmr (it drops out the CMR gate)")
+    if cmr and args.moe_router == "stratified" and getattr(
+            args, "smoe_stratum_norm", "post-ln") == "post-ln":
+        raise MoEConfigError(
+            "--moe-cmr mixes an FFN's output with the MoE layer's, but --moe-router stratified "
+            "with --smoe-stratum-norm post-ln returns the whole block (residual and LayerNorm "
+            "included); use --smoe-stratum-norm gate-input or none")
+    if getattr(args, "moe_batch_prioritized_routing", False) and args.moe_capacity_factor == 0:
+        raise MoEConfigError(
+            "--moe-batch-prioritized-routing orders tokens for capacity, but "
+            "--moe-capacity-factor 0 is dropless (no token is ever dropped): give a capacity "
+            "factor > 0 or leave the flag out")
 
 
 def validate_moec_args(args: argparse.Namespace) -> None:

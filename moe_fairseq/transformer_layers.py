@@ -2,9 +2,11 @@
 
 They subclass fairseq's layers, so attention, layer norms and dropout (and
 their checkpoint names) are fairseq's own; the dense ``fc1``/``fc2`` are replaced by
-``self.moe``. The forwards are written out because fairseq's inline the dense FFN
-and do not hand the padding mask to it; the MoE block needs the mask so that
-padding takes no expert capacity and stays out of the routing losses.
+``self.moe`` (with ``--moe-cmr`` they stay, as the shared dense FFN that the CMR gate
+``self.cmr_gate`` mixes with the MoE layer). The forwards are written out because
+fairseq's inline the dense FFN and do not hand the padding mask to it; the MoE block
+needs the mask so that padding takes no expert capacity and stays out of the routing
+losses.
 """
 
 from typing import Dict, List, Optional
@@ -17,6 +19,7 @@ from fairseq.modules.transformer_layer import (
     TransformerEncoderLayerBase,
 )
 
+from .layer.cmr_gate import CMRGate
 from .layer.moe_layer import build_moe_layer
 
 
@@ -41,10 +44,33 @@ class _MoEBlock:
     ``[batch, seq, d]`` tokens, as fairseq's MoE branch and the authors' codes do, so
     that when capacity binds the first sentences of the batch keep their tokens;
     ``seq-major`` routes fairseq's ``[seq, batch, d]`` as it is.
+    ``cmr_gate`` (``--moe-cmr``): the block's FFN output is ``(1 - g) FFN(x) + g MoE(x)``
+    (each dropped out, as fairseq's CMR layer), before the residual.
     """
 
     moe_output_dropout: bool = True
     moe_token_order: str = "batch-major"
+
+    def _build_moe(self, moe_options, ffn_dim: int, activation_fn: str) -> None:
+        """``self.moe`` (and with ``--moe-cmr`` the gate, keeping fairseq's fc1/fc2 as the
+        shared dense FFN) in place of the dense FFN."""
+        self.moe = build_moe_layer(
+            moe_options,
+            self.embed_dim,
+            ffn_dim,
+            activation_fn,
+            float(self.activation_dropout_module.p),
+        )
+        # A module attribute, not a class default: nn.Module keeps submodules out of
+        # __dict__, so a class attribute would hide the gate.
+        if moe_options.cmr:
+            self.cmr_gate = CMRGate(self.embed_dim, moe_options.cmr_gate_drop)
+        else:
+            del self.fc1, self.fc2
+            self.cmr_gate = None
+        self.moe_output_dropout = moe_options.output_dropout
+        self.moe_token_order = moe_options.token_order
+        self._drop_unused_final_norm()
 
     def _moe_block(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """x ``[seq, batch, d]``, padding_mask ``[batch, seq]`` -> ``[seq, batch, d]``.
@@ -56,6 +82,7 @@ class _MoEBlock:
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
+        ffn_input = x
         dropout = self.dropout_module if self.moe_output_dropout else None
         if self.moe_token_order == "batch-major":
             # The transposes copy [seq, batch, d] once each way (none when seq is 1,
@@ -76,10 +103,29 @@ class _MoEBlock:
             return x
         if self.moe_output_dropout:
             x = self.dropout_module(x)
+        if self.cmr_gate is not None:
+            x = self._conditional_mix(ffn_input, x, padding_mask, stats)
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
         return x
+
+    def _conditional_mix(self, x: Tensor, moe_out: Tensor, padding_mask: Optional[Tensor],
+                         stats) -> Tensor:
+        """CMR: ``(1 - g) FFN(x) + g MoE(x)`` with the dense FFN dropped out as fairseq's
+        ``_ffn`` does; x, moe_out ``[seq, batch, d]`` -> ``[seq, batch, d]``. Records the
+        gate's budget sums in ``stats`` (see :class:`~moe_fairseq.layer.moe_layer.MoEStats`)."""
+        pad = _seq_major(padding_mask)
+        g = self.cmr_gate(x, pad)  # [seq, batch], 0 at padding
+        h = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
+        dense = self.dropout_module(self.fc2(h))
+        nonpad = (torch.ones_like(g) if pad is None else (~pad.to(torch.bool)).to(g.dtype))
+        stats.cmr_gate_sum = g.sum()
+        stats.cmr_tokens = nonpad.sum()
+        stats.sentence_cmr_gate = g.detach().sum(0)
+        stats.sentence_cmr_tokens = nonpad.sum(0)
+        w = g.to(moe_out.dtype).unsqueeze(-1)
+        return dense * (1 - w) + moe_out * w
 
     def _drop_unused_final_norm(self) -> None:
         """A post-norm block whose MoE layer returns the block output never uses
@@ -94,17 +140,7 @@ class MoETransformerEncoderLayer(_MoEBlock, TransformerEncoderLayerBase):
 
     def __init__(self, cfg, moe_options):
         super().__init__(cfg)
-        del self.fc1, self.fc2
-        self.moe = build_moe_layer(
-            moe_options,
-            self.embed_dim,
-            cfg.encoder.ffn_embed_dim,
-            cfg.activation_fn,
-            float(self.activation_dropout_module.p),
-        )
-        self.moe_output_dropout = moe_options.output_dropout
-        self.moe_token_order = moe_options.token_order
-        self._drop_unused_final_norm()
+        self._build_moe(moe_options, cfg.encoder.ffn_embed_dim, cfg.activation_fn)
 
     def forward(
         self,
@@ -142,17 +178,7 @@ class MoETransformerDecoderLayer(_MoEBlock, TransformerDecoderLayerBase):
 
     def __init__(self, cfg, moe_options, no_encoder_attn: bool = False):
         super().__init__(cfg, no_encoder_attn)
-        del self.fc1, self.fc2
-        self.moe = build_moe_layer(
-            moe_options,
-            self.embed_dim,
-            cfg.decoder.ffn_embed_dim,
-            cfg.activation_fn,
-            float(self.activation_dropout_module.p),
-        )
-        self.moe_output_dropout = moe_options.output_dropout
-        self.moe_token_order = moe_options.token_order
-        self._drop_unused_final_norm()
+        self._build_moe(moe_options, cfg.decoder.ffn_embed_dim, cfg.activation_fn)
 
     def forward(
         self,

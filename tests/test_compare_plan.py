@@ -67,7 +67,7 @@ def test_gpu_compare_plan_on_a_built_benchmark(tmp_path):
 
 
 class Args:
-    methods = list(C.METHODS)
+    methods = list(C.DEFAULT_METHODS)
     size = "base"
     limit_seconds = None
     eval_jobs = None
@@ -128,3 +128,29 @@ def test_make_quality_runs_the_script_the_readme_names():
     assert line.endswith("scripts/quality.py --plan") and "OMP_WAIT_POLICY=PASSIVE" in line
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert 'make quality QUALITY_ARGS="--plan"    # the time budget only' in readme
+
+
+def test_make_quality_nllb_plans_moe_eom_cmr_with_low_resource_directions(tmp_path):
+    """``make quality-nllb QUALITY_ARGS="--plan"`` as the README gives it: the command
+    make would run, run with its plan only: MoE, MoE+EOM and MoE+CMR for the same budget,
+    a build with low- and very-low-resource languages, within the 100 minutes."""
+    import shlex
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "quality-nllb",
+                           "QUALITY_ARGS=--plan"], cwd=str(REPO_ROOT), capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    line = [l for l in proc.stdout.splitlines() if "scripts/quality.py" in l][-1]
+    argv = shlex.split(line.split("scripts/quality.py", 1)[1])
+    assert argv[-1] == "--plan"
+    out, data = tmp_path / "out", tmp_path / "data"
+    proc = run_script("quality.py", *argv, "--data", data, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = plan_rows(proc.stdout)
+    assert rows["train moe"] == rows["train moe+eom"] == rows["train moe+cmr"] >= 1800
+    assert "train dense" not in rows and rows["total"] <= 6000
+    assert "sw:very_low" in proc.stdout and "ru:low" in proc.stdout
+    assert not out.exists() and not data.exists()
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert "make quality-nllb" in readme

@@ -214,6 +214,32 @@ def case_top_k(rank, world, k, drops):
         torch.testing.assert_close(g, local_slice(r, rank), **fp32)
 
 
+def case_nllb(rank, world, eom, prioritized):
+    """--moe-eom / --moe-batch-prioritized-routing under expert parallelism, training
+    with drops: each rank draws its own tokens' EOM masks before any row travels, so
+    with the same seed per rank its output and gradients are the single process's on
+    that rank's batch (the reference reseeds alike before each rank's batch)."""
+    def make_router():
+        return TopKRouter(D, num_experts(world), top_k=2, capacity_factor=0.5,
+                          second_expert_policy="all", normalize_gates=True,
+                          batch_prioritized=prioritized)
+
+    ep, ref = build_layers(rank, world, make_router, seed=4)
+    ep.eom = ref.eom = eom
+    batches = [batch(s, seed=4) for s in range(world)]
+    cots = [cotangent(s, tokens_of(s), seed=4) for s in range(world)]
+    torch.manual_seed(100 + rank)
+    out, got = run_ep(ep, batches[rank], cots[rank])
+    ref_out, ref_grads, dropped = per_rank_reference(
+        ref, rank, world, batches, cots, before_each=lambda s: torch.manual_seed(100 + s))
+    assert_matches(out, got, ref_out, ref_grads, rank)
+    assert dropped > 0
+    if eom:  # the masks really masked something: not the unmasked layer's output
+        ref.eom = 0.0
+        plain, _, _ = per_rank_reference(ref, rank, world, batches, cots)
+        assert not torch.allclose(out, plain)
+
+
 def _fixed_index(rank, world, T, local_only, seed):
     """``[T, 2]`` random experts (distinct per token, some -1); with local_only,
     only this rank's own experts."""
@@ -508,6 +534,9 @@ CASES = {
     "smoe_one_rank_has_no_tokens": lambda r, w: case_stratified(
         r, w, drops=True, seed=3, sizes=[0] + [4 * tokens_of(s) for s in range(1, w)]),
     "moec_mixing_dropout_drops": case_moec_mixing,
+    "eom_drops": lambda r, w: case_nllb(r, w, eom=0.3, prioritized=False),
+    "batch_prioritized_drops": lambda r, w: case_nllb(r, w, eom=0.0, prioritized=True),
+    "eom_batch_prioritized_drops": lambda r, w: case_nllb(r, w, eom=0.3, prioritized=True),
 }
 
 

@@ -1,5 +1,5 @@
 """Presets hold on every command line: generated over every registered MoE architecture
-and every ``--moe-*``, ``--moec-*``, ``--smoe-*`` flag, through fairseq's own parser
+and every ``--moe-*``, ``--moec-*``, ``--smoe-*``, ``--cmr-*`` flag, through fairseq's own parser
 (``parse_args_and_arch``, which leaves unnamed model flags out of the namespace).
 
 - Naming the value the preset already resolves changes nothing in the resolved namespace.
@@ -22,7 +22,7 @@ from moe_fairseq.args_version import ARGS_VERSION
 from moe_fairseq.models.moe_transformer import MoETransformerModel
 
 ARCHS = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is MoETransformerModel)
-PREFIXES = ("--moe-", "--moec-", "--smoe-")
+PREFIXES = ("--moe-", "--moec-", "--smoe-", "--cmr-")
 
 # Candidate values of each flag, tried in order: the first that differs from what the
 # preset resolves is named. Booleans are named as --flag / --no-flag.
@@ -57,6 +57,10 @@ OTHER_VALUES = {
     "moec_expert_sublayers": [2, 1],
     "smoe_strata": ["1,3", "2,2"],
     "smoe_stratum_norm": ["gate-input", "post-ln"],
+    "moe_eom": [0.2, 0.0],
+    "moe_cmr": [True],
+    "cmr_gate_drop": [0.2, 0.0],
+    "moe_batch_prioritized_routing": [True],
     # the MoE criterion's flags
     "moe_gate_loss_wt": [0.1, 0.01],
     "moe_gate_loss_combine_method": ["average", "sum"],
@@ -66,6 +70,8 @@ OTHER_VALUES = {
     "moe_similarity_beta_d": [0.1],
     "moe_similarity_sample_tokens": [64],
     "moe_log_per_layer": [True],
+    "cmr_gate_loss_wt": [0.1, 0.0],
+    "cmr_gate_loss_p": [0.8, 1.0],
 }
 
 # What a flag's help documents as following from it when the other is not named.
@@ -157,7 +163,8 @@ def test_naming_a_flag_changes_that_flag_only(arch):
     assert set(unnameable) <= {"moe_encoder_layers", "moe_decoder_layers",
                                "moe_layer_expert_counts", "moe_expert_ffn_dim", "smoe_strata",
                                "moe_gate_loss_combine_method",
-                               "moe_normalize_gate_prob_before_dropping", "moe_log_per_layer"}
+                               "moe_normalize_gate_prob_before_dropping", "moe_log_per_layer",
+                               "moe_cmr", "moe_batch_prioritized_routing"}
 
 
 # What the README promises for each family, bare or with the expert count named.

@@ -4,6 +4,7 @@
 #   examples/bible/train.sh METHOD SIZE DATA SAVE_DIR [extra fairseq-train flags ...]
 #
 #   METHOD  dense | moe | moec (cosine router, expert clusters) | smoe (stratified experts)
+#           | moe+eom, moe+cmr (moe with NLLB-MoE's expert output masking / conditional routing)
 #   SIZE    tiny (CPU: 2+2 layers, d=64, 4 experts) | small (CPU: 3+3 layers, d=256, 4 experts)
 #           | base (one GPU: transformer-base, 8 experts)
 #   DATA    output folder of prepare.sh (holds bin/ and manifest.json)
@@ -54,14 +55,21 @@ esac
 
 case "$method" in
   dense) arch=(--arch transformer) ;;
-  moe)   arch=(--arch moe_transformer --moe-expert-count "$experts" --moe-freq 2 --moe-top-k 2
-               --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0) ;;
+  moe|moe+eom|moe+cmr)
+         arch=(--arch moe_transformer --moe-expert-count "$experts" --moe-freq 2 --moe-top-k 2
+               --moe-capacity-factor 1.25 --moe-eval-capacity-token-fraction 1.0)
+         # NLLB-MoE (arXiv 2207.04672): EOM 0.2 as their FLORES-200 MoE recipe; CMR budget
+         # weight 0.1 and share 0.8 as their sweep script's defaults, gate dropout 0.2.
+         case "$method" in
+           moe+eom) arch+=(--moe-eom 0.2) ;;
+           moe+cmr) arch+=(--moe-cmr --cmr-gate-drop 0.2 --cmr-gate-loss-wt 0.1 --cmr-gate-loss-p 0.8) ;;
+         esac ;;
   # The method presets (models/moec_transformer.py, models/smoe_transformer.py) set the
   # authors' routing flags; the sizes above override the presets' sizes.
   # small takes the tiny presets' routing (2 clusters; strata 2,2), with its own dims.
   moec)  arch=(--arch "moec_transformer_${size/small/tiny}" --moe-eval-capacity-token-fraction 1.0) ;;
   smoe)  arch=(--arch "smoe_transformer_${size/small/tiny}" --moe-eval-capacity-token-fraction 1.0) ;;
-  *) echo "train.sh: error: METHOD must be dense, moe, moec or smoe, got '$method'" >&2; exit 2 ;;
+  *) echo "train.sh: error: METHOD must be dense, moe, moec, smoe, moe+eom or moe+cmr, got '$method'" >&2; exit 2 ;;
 esac
 
 # --bf16 among the extra flags replaces base's --fp16 (bf16 is the fast path on

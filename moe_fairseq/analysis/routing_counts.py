@@ -18,7 +18,9 @@ against the layers' own counts:
 - SMoE (multi-pass routers): share of tokens reaching each stratum, requested capacity
   (expert passes per token) overall and per language;
 - MoEC (clustered routers): load share per cluster and the spread (CV) of load
-  within each cluster.
+  within each cluster;
+- CMR layers (``--moe-cmr``): the gate share, the mean CMR gate g over the layer's
+  tokens (how much of their FFN output the MoE gives), overall and per language.
 """
 
 from dataclasses import dataclass
@@ -78,6 +80,8 @@ class _LayerCounts:
         self.tokens = torch.zeros(D, dtype=torch.long)
         self.passes = torch.zeros(D, dtype=torch.long)
         self.pass_tokens = torch.zeros(P, D, dtype=torch.long)
+        self.cmr_gate = torch.zeros(D, dtype=torch.float64)  # sum of CMR gates
+        self.cmr_tokens = torch.zeros(D, dtype=torch.long)
 
 
 class RoutingCounts:
@@ -110,6 +114,9 @@ class RoutingCounts:
         c.tokens[d] += int(stats.tokens)
         c.passes[d] += int(stats.expert_passes)
         c.pass_tokens[:, d] += stats.pass_tokens.detach().cpu()
+        if stats.cmr_gate_sum is not None:
+            c.cmr_gate[d] += float(stats.cmr_gate_sum.detach())
+            c.cmr_tokens[d] += int(stats.cmr_tokens)
         first = stats.first_expert.reshape(-1).cpu()
         routed = first >= 0
         c.first[:, d] += torch.bincount(first[routed], minlength=E)
@@ -169,6 +176,8 @@ class RoutingCounts:
             out["strata"] = strata_summary(c, self)
         if info.clusters > 1:
             out["clusters"] = cluster_summary(load, info.clusters)
+        if int(c.cmr_tokens.sum()) > 0:
+            out["cmr"] = cmr_gate_summary(c, self)
         return out
 
 
@@ -216,6 +225,18 @@ def strata_summary(c: _LayerCounts, counts: RoutingCounts) -> dict:
         out[f"requested_capacity_by_{side}_language"] = {
             lang: float(p) / int(t) for lang, p, t in
             zip(counts.languages(side), passes.tolist(), toks.tolist()) if t > 0}
+    return out
+
+
+def cmr_gate_summary(c: _LayerCounts, counts: RoutingCounts) -> dict:
+    """CMR: the mean gate g (the MoE layer's share of the FFN output) over the layer's
+    tokens, overall and per target / source language."""
+    out = dict(gate_share=float(c.cmr_gate.sum()) / max(int(c.cmr_tokens.sum()), 1))
+    for side in ("target", "source"):
+        gate, toks = counts.by_language(c.cmr_gate, side), counts.by_language(c.cmr_tokens, side)
+        out[f"gate_share_by_{side}_language"] = {
+            lang: float(g) / int(t) for lang, g, t in
+            zip(counts.languages(side), gate.tolist(), toks.tolist()) if t > 0}
     return out
 
 

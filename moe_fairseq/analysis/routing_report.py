@@ -118,6 +118,20 @@ def markdown(models: Sequence[Tuple[str, dict, dict]], split: str, figures: List
                 f"{st['requested_capacity']:.3f} | "
                 + " | ".join(_fmt(by.get(lang)) for lang in langs) + " |")
         lines.append("")
+    cmr = [(label, l) for label, _, s in models for l in s["layers"] if l.get("cmr")]
+    if cmr:
+        langs = sorted({k for _, l in cmr for k in l["cmr"]["gate_share_by_target_language"]})
+        lines += ["## CMR gate share", "",
+                  "Mean CMR gate g over the layer's tokens: the MoE layer's share of the FFN "
+                  "output, (1 - g) going to the shared dense FFN (--moe-cmr).", "",
+                  "| model | layer | gate share | "
+                  + " | ".join(f"→{lang}" for lang in langs) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in langs) + " |"]
+        for label, l in cmr:
+            by = l["cmr"]["gate_share_by_target_language"]
+            lines.append(f"| {label} | {l['name']} | {l['cmr']['gate_share']:.3f} | "
+                         + " | ".join(_fmt(by.get(lang)) for lang in langs) + " |")
+        lines.append("")
     moec = [(label, l) for label, _, s in models for l in s["layers"] if l.get("clusters")]
     if moec:
         lines += ["## MoEC clusters", "",

@@ -46,7 +46,10 @@ from . import significance
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("dense", "moe", "smoe", "moec")
+# moe+eom / moe+cmr: NLLB-MoE's regularizers on the moe setting (train.sh); not run by
+# default (the GPU plan fits the first four).
+METHODS = ("dense", "moe", "smoe", "moec", "moe+eom", "moe+cmr")
+DEFAULT_METHODS = ("dense", "moe", "smoe", "moec")
 DEFAULT_OUT = "runs/gpu_compare"
 # train.sh's base warm-up (4000) is for 50k-update runs. A GPU comparison trains a base
 # model for 75 s: the H100 did 110-163 updates in 60 s (2026-11-26), so about 140-200
@@ -136,9 +139,12 @@ def build_parser(prog: str = "gpu_compare.py") -> argparse.ArgumentParser:
         description="Train dense, MoE, SMoE and MoEC on the Bible m4 benchmark for the same "
         "wall-clock budget each, evaluate every direction and print BLEU/chrF, updates and "
         "training tokens/s side by side.")
-    p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="'M ...'",
-                   help="methods to compare, space or comma separated (default: "
-                        + " ".join(METHODS) + ")")
+    p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS), metavar="'M ...'",
+                   help="methods to compare, space or comma separated, of "
+                        + " ".join(METHODS) + " (default: " + " ".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--baseline", metavar="METHOD",
+                   help="the method every gap (and its bootstrap interval) is taken against "
+                        "(default: dense if compared, else the first of --methods)")
     p.add_argument("--budget-seconds", type=_positive(float), metavar="S",
                    help="training wall-clock budget per method, fairseq's --stop-time-hours "
                         f"(default: {BASE_BUDGET:g} for base, which fits make gpu-compare in "
@@ -360,7 +366,8 @@ def plan_budget(args, manifest: Optional[dict], cuda: bool) -> dict:
     costs = COSTS["cuda" if cuda else "cpu"]
     rows = []
     if manifest is None:
-        rows.append(("data", 90.0, "build m4 with prepare.sh (about 1 minute here)"))
+        extra = f" {args.prepare_args}" if getattr(args, "prepare_args", "") else ""
+        rows.append(("data", 90.0, f"build m4 with prepare.sh{extra} (about 1 minute here)"))
     else:
         rows.append(("data", 2.0, "reuse " + describe(manifest)))
     for m in args.methods:
@@ -563,8 +570,8 @@ def evaluate(args, runs: Dict[str, dict], data: dict, cuda: bool, env) -> dict:
              "--generate-args", MAX_LEN_ARGS, "--quiet"]
     flags += (["--fp16"] if args.size == "base" else []) if cuda else ["--cpu"]
     decode_flags = ["--one-process", "--bootstrap", "0", "--samples", "0"]
-    score_flags = ["--samples", "3", "--directions", ",".join(directions)] + (
-        ["--baseline", "dense"] if "dense" in runs else [])
+    baseline = args.baseline or ("dense" if "dense" in runs else next(iter(runs)))
+    score_flags = ["--samples", "3", "--directions", ",".join(directions), "--baseline", baseline]
     script = os.path.join(REPO, "examples/bible/evaluate.sh")
     cores = os.cpu_count() or 1
 
@@ -758,6 +765,9 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "gpu_compare.py") -> d
         args.validate_updates = 50 if args.size == "base" else 100
     if args.validate_updates < 0:
         parser.error(f"--validate-updates must be >= 0, got {args.validate_updates}")
+    if args.baseline is not None and args.baseline not in args.methods:
+        parser.error(f"--baseline {args.baseline} is not one of --methods "
+                     f"({' '.join(args.methods)})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a folder")
     for flag, value in (("--train-args", args.train_args), ("--prepare-args", args.prepare_args)):

@@ -35,6 +35,12 @@ of MoE layer-batches whose router is sure (entropy < 10% of log E) and sends >= 
 the tokens first to one expert; a warning is logged when its moving average over
 updates reaches 0.5, see ``MoEStats.collapsed``).
 
+With CMR layers (``--moe-cmr``): ``cmr_gate_loss`` (the budget term
+``|share - --cmr-gate-loss-p|`` that ``--cmr-gate-loss-wt`` multiplies, as fairseq names
+it), ``cmr_gate_share`` (mean CMR gate over the CMR layers' non-padding tokens: the MoE
+share of their FFN output) and, with target-language tokens, ``cmr_gate_share_<lang>``
+(``layer/cmr_share.py``).
+
 Multi-pass routers (SMoE) also log their dynamic capacity, over their layers:
 ``smoe_requested_capacity`` (mean expert passes per token, 1..L),
 ``smoe_stratum<i>_share`` (share of tokens that reach stratum i; the shares sum
@@ -51,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 
+import torch
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
@@ -66,6 +73,7 @@ from ..layer.moe_layer import COLLAPSE_SHARE, MoELayer, MoEStats
 from ..options import MoEConfigError
 from ..layer.similarity_loss import SimilarityLoss
 from ..layer.requested_capacity import capacity_counts, capacity_summary, is_count_key
+from ..layer.cmr_share import cmr_counts, cmr_layers, cmr_summary, is_cmr_count_key
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +125,18 @@ class MoERoutingLossConfig(FairseqDataclass):
         metadata={"help": "also log each MoE layer's load CV and starved-expert share "
                           "(moe_l<i>_load_cv, moe_l<i>_starved; i counts MoE layers in "
                           "module order, encoder first)"},
+    )
+    cmr_gate_loss_wt: float = field(
+        default=0.0,
+        metadata={"help": "--moe-cmr: weight of the CMR budget term |(sum of the CMR gates "
+                          "over the CMR layers' non-padding tokens) / (their count) - "
+                          "--cmr-gate-loss-p| (fairseq's NLLB criterion; NLLB sweeps: 0.1); "
+                          "0 = off"},
+    )
+    cmr_gate_loss_p: float = field(
+        default=1.0,
+        metadata={"help": "--moe-cmr: the share of the FFN output the budget term steers the "
+                          "MoE layers to (fairseq's default 1.0; NLLB sweeps: 0.8)"},
     )
     # With --tensorboard-logdir the criterion also collects the routing views
     # (expert-load histograms, I(expert; target language)); see analysis/tensorboard_routing.py.
@@ -206,7 +226,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                  moe_log_per_layer=False, moe_gate_loss_combine_method=None,
                  moe_similarity_loss_wt=0.0, moe_similarity_beta_s=1e-7,
                  moe_similarity_beta_d=1e-2, moe_similarity_sample_tokens=256,
-                 tensorboard_logdir=None):
+                 cmr_gate_loss_wt=0.0, cmr_gate_loss_p=1.0, tensorboard_logdir=None):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.combine_method = resolve_combine_method(moe_gate_loss_combine_method)
         for flag, value in (("--moe-gate-loss-wt", moe_gate_loss_wt),
@@ -218,6 +238,13 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         self.similarity_wt, self.similarity = similarity_loss_from_flags(
             moe_similarity_loss_wt, moe_similarity_beta_s, moe_similarity_beta_d,
             moe_similarity_sample_tokens)
+        if not (cmr_gate_loss_wt >= 0 and math.isfinite(cmr_gate_loss_wt)):
+            raise MoEConfigError(f"--cmr-gate-loss-wt must be a finite number >= 0, "
+                                 f"got {cmr_gate_loss_wt}")
+        if not 0 <= cmr_gate_loss_p <= 1:
+            raise MoEConfigError(f"--cmr-gate-loss-p must be in [0, 1], got {cmr_gate_loss_p}")
+        self.cmr_wt = cmr_gate_loss_wt
+        self.cmr_p = cmr_gate_loss_p
         self.log_per_layer = moe_log_per_layer
         self.tensorboard_routing = bool(tensorboard_logdir)
 
@@ -237,6 +264,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         stats = moe_layer_stats(model)
         moe_logs = self.moe_logging_output(stats, self.combine_method)
         moe_logs.update(capacity_counts(stats, self.task, sample))
+        moe_logs.update(cmr_counts(stats, self.task, sample))
         if tb_views:
             moe_logs.update(tensorboard_routing.routing_logging_output(layers, self.task, sample))
         if self.log_per_layer:
@@ -250,6 +278,12 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             if self.similarity is not None:
                 sim = combine_layer_losses(stats, lambda k: k == "similarity", self.combine_method)
                 loss = loss + sample_size * self.similarity_wt * sim
+            cmr = self.cmr_budget_loss(stats)
+            if cmr is not None:
+                moe_logs["cmr_loss"] = float(cmr.detach())
+                moe_logs["cmr_batches"] = 1
+                if self.cmr_wt > 0:
+                    loss = loss + sample_size * self.cmr_wt * cmr
 
         logging_output = {
             "loss": loss.data,
@@ -264,6 +298,22 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
+
+    def cmr_budget_loss(self, stats: List[MoEStats]):
+        """fairseq's CMR budget term over every CMR layer of the forward:
+        ``|sum g / max(non-padding tokens, 1e-5) - p|`` (differentiable); None without
+        CMR layers (a weight > 0 then is a configuration error)."""
+        layers = cmr_layers(stats)
+        if not layers:
+            if self.cmr_wt > 0:
+                raise MoEConfigError(f"--cmr-gate-loss-wt {self.cmr_wt} needs a model with "
+                                     "--moe-cmr (it weighs the CMR gates' budget term)")
+            return None
+        # At least fp32, as fairseq sums them (fp16 would overflow; fp64 stays fp64).
+        used = sum(s.cmr_gate_sum.to(torch.promote_types(s.cmr_gate_sum.dtype, torch.float32))
+                   for s in layers)
+        total = sum(s.cmr_tokens.to(used.dtype) for s in layers)
+        return (used / total.clamp_min(1e-5) - self.cmr_p).abs()
 
     @staticmethod
     def moe_logging_output(stats: List[MoEStats],
@@ -333,6 +383,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             metrics.log_scalar("moe_collapsed", collapsed, layer_batches, round=3)
             cls.warn_on_collapse(collapsed, total("moe_entropy_sum") / max(count, 1))
         cls.reduce_requested_capacity(logging_outputs, total)
+        cls.reduce_cmr(logging_outputs, total)
 
     # reduce_metrics runs once per update: the warning follows a moving average of the
     # collapsed share, with hysteresis, so that it fires once per episode, not per update.
@@ -369,6 +420,21 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             metrics.log_scalar(f"smoe_stratum{i}_share", share, summary["tokens"], round=3)
         for lang, rc in summary["by_target_language"].items():
             metrics.log_scalar(f"smoe_rc_{lang}", rc, summary["language_tokens"][lang], round=3)
+
+    @staticmethod
+    def reduce_cmr(logging_outputs, total) -> None:
+        cmr_batches = total("cmr_batches")
+        if cmr_batches:
+            metrics.log_scalar("cmr_gate_loss", total("cmr_loss") / cmr_batches, cmr_batches,
+                               round=4)
+        keys = {k for log in logging_outputs for k in log if is_cmr_count_key(k)}
+        summary = cmr_summary({k: total(k) for k in keys})
+        if summary is None:
+            return
+        metrics.log_scalar("cmr_gate_share", summary["gate_share"], summary["tokens"], round=3)
+        for lang, share in summary["by_target_language"].items():
+            metrics.log_scalar(f"cmr_gate_share_{lang}", share,
+                               summary["language_tokens"][lang], round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -41,6 +41,7 @@ SHAPE_SETTINGS = [
     ("moe_expert_ffn_dim", "expert FFN width", "--moe-expert-ffn-dim"),
     ("moe_router", "router", "--moe-router"),
     ("moe_attentive_dim", "attentive router width", "--moe-attentive-dim"),
+    ("moe_cmr", "CMR dense FFN and gate", "--moe-cmr"),
     ("moec_clusters", "MoEC clusters", "--moec-clusters"),
     ("moec_routing_dim", "MoEC routing width", "--moec-routing-dim"),
     ("moec_expert_sublayers", "MoEC expert sublayers", "--moec-expert-sublayers"),
@@ -106,6 +107,8 @@ def setting_differences(ckpt_args, run_args) -> List[str]:
                    f"{_model_kind(run_args)} (--arch {ckpt_arch})")
     for key, what, flag in SHAPE_SETTINGS:
         a, b = _value(ckpt_args, key), _value(run_args, key)
+        if isinstance(a, bool) or isinstance(b, bool):
+            a, b = bool(a), bool(b)  # an unset switch (older checkpoints) is off
         if a is None and b is None or a == b:
             continue
         if (a is None or b is None) and ckpt_arch != run_arch:

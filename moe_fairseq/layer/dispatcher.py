@@ -10,7 +10,8 @@ Memory and time are linear in the number of routed assignments.
 
 Drop order: assignment ``(slot j, token t)`` has priority ``j * T + t``, i.e. every
 token's first choice beats any second choice, and among equal slots the earlier
-token (row-major order of the layer's input) wins. An expert keeps its first
+token (row-major order of the layer's input) wins; with a ``Routing.priority``
+(batch-prioritized routing) the token with the higher priority wins instead. An expert keeps its first
 ``capacity`` assignments in that order; the rest are dropped and contribute
 nothing (the token's residual passes through the transformer layer).
 
@@ -159,7 +160,7 @@ class SortDispatcher:
         routing of the fused kernels (``Routing.block_counts``) in the static layout,
         else by a stable sort."""
         if (routing.block_counts is not None and not routing.mix_input
-                and self._static(routing.expert_index)):
+                and routing.priority is None and self._static(routing.expert_index)):
             return self._fused_plan(routing)
         return self._sort_plan(routing)
 
@@ -168,9 +169,18 @@ class SortDispatcher:
         num_tokens, k = expert_index.shape
         E = self.num_experts
         flat = expert_index.t().reshape(-1)  # priority order j * T + t
+        claim = None  # [kT] assignment indices in the order they claim capacity
+        if routing.priority is not None and num_tokens > 0:
+            # Batch-prioritized: slot by slot, tokens by decreasing priority (stable).
+            ranked = torch.sort(routing.priority, descending=True, stable=True).indices
+            claim = (torch.arange(k, device=flat.device).unsqueeze(1) * num_tokens
+                     + ranked.unsqueeze(0)).reshape(-1)
+            flat = flat[claim]
         # Slots without an expert (-1) sort after every real expert.
         key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
         sorted_key, order = torch.sort(key, stable=True)
+        if claim is not None:
+            order = claim[order]
         # scatter_add, not bincount: CUDA bincount reads its maximum back to the host.
         counts = torch.zeros(E + 1, dtype=torch.long, device=key.device).scatter_add_(
             0, key, torch.ones_like(key))

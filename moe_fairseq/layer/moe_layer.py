@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .dispatcher import SortDispatcher, gather_rows, scatter_rows
 from .expert_bank import ExpertBank
+from .expert_output_masking import mask_expert_outputs
 from ..options import KERNEL_CHOICES, MoEConfigError
 from ..parallel.expert_parallel import expert_parallel_group, scale_expert_grads
 from ..parallel.dispatcher import AllToAllDispatcher, build_local_expert_bank
@@ -52,7 +53,12 @@ class MoEStats:
       shaped like the input without its last dim, -1 for padding;
     - ``first_probs``: with ``first_expert``, the router probabilities of the first
       pass (fp32, detached), shaped like the input with E as its last dim (rows of
-      padding: 0); None for a router that gives no probabilities.
+      padding: 0); None for a router that gives no probabilities;
+    - CMR layers only (``--moe-cmr``, filled in by the transformer layer, which owns
+      the gate): ``cmr_gate_sum`` (differentiable, sum of the CMR gate g over the
+      non-padding tokens: the budget term's numerator), ``cmr_tokens`` (its
+      denominator), and ``[batch]`` ``sentence_cmr_gate`` (detached) /
+      ``sentence_cmr_tokens`` per sentence, for the per-language gate shares.
     """
 
     losses: Dict[str, Tensor] = field(default_factory=dict)
@@ -70,6 +76,10 @@ class MoEStats:
     sentence_tokens: Optional[Tensor] = None
     first_expert: Optional[Tensor] = None
     first_probs: Optional[Tensor] = None
+    cmr_gate_sum: Optional[Tensor] = None
+    cmr_tokens: Optional[Tensor] = None
+    sentence_cmr_gate: Optional[Tensor] = None
+    sentence_cmr_tokens: Optional[Tensor] = None
 
     @classmethod
     def zeros(cls, tokens, num_experts: int, num_passes: int, num_rows: int,
@@ -176,10 +186,11 @@ class MoELayer(nn.Module):
         dispatcher: default :class:`SortDispatcher` (every expert local).
         kernels: ``--moe-kernels``, ``auto``, ``triton`` or ``torch`` (see
             :meth:`uses_fused_kernels`); a plain attribute, settable later.
+        eom: ``--moe-eom``, the expert output masking rate (``expert_output_masking.py``).
     """
 
     def __init__(self, router: Router, experts: ExpertBank, dispatcher=None,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", eom: float = 0.0):
         super().__init__()
         dispatcher = dispatcher or SortDispatcher(router.num_experts)
         if dispatcher.num_experts != router.num_experts:
@@ -197,6 +208,7 @@ class MoELayer(nn.Module):
         self.stats: Optional[MoEStats] = None
         self.padding = "auto"  # see routes_padded_batch
         self.kernels = kernels  # see uses_fused_kernels
+        self.eom = eom
         # Set by the criterion when --moe-similarity-loss-wt > 0: the layer then adds
         # losses["similarity"] (first pass, a bounded token sample; see similarity_loss.py).
         self.similarity: Optional[SimilarityLoss] = None
@@ -400,7 +412,7 @@ class MoELayer(nn.Module):
                 routing = self.router.fused_route(h, token_mask)
             if routing is None:
                 routing = self.router(h, pass_index, token_mask=token_mask)
-            plan = self.dispatcher.plan(routing)
+            plan = mask_expert_outputs(self.dispatcher.plan(routing), self.eom, self.training)
             if fused:
                 y = self.experts.fused_ffn(h, plan)  # [T_pass, d]
             else:
@@ -480,10 +492,10 @@ def build_moe_layer(
                        sublayers=options.expert_sublayers)
     if world == 1:
         experts = ExpertBank(options.expert_count, embed_dim, ffn_dim, **bank_kwargs)
-        return MoELayer(router, experts, kernels=options.kernels)
+        return MoELayer(router, experts, kernels=options.kernels, eom=options.eom)
     experts = build_local_expert_bank(options.expert_count, embed_dim, ffn_dim, rank, world,
                                       **bank_kwargs)
     scale_expert_grads(experts.parameters(), world)
     # --moe-kernels auto falls back to the PyTorch path here (see fused_path_blocker).
     return MoELayer(router, experts, AllToAllDispatcher(options.expert_count, group),
-                    kernels=options.kernels)
+                    kernels=options.kernels, eom=options.eom)

@@ -23,6 +23,7 @@ def _top_k_kwargs(options) -> dict:
         normalize_before_dropping=options.normalize_before_dropping,
         eval_second_expert_policy=options.eval_second_expert_policy,
         capacity_rule=options.capacity_rule,
+        batch_prioritized=options.batch_prioritized,
     )
 
 

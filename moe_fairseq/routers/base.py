@@ -13,7 +13,8 @@ Conventions (T = routed tokens in the pass, k = experts per token, E = experts):
   ``gates[:, j]`` before it is added back to the token.
 - ``capacity`` is the most assignments one expert accepts in this pass, or
   ``None`` for no limit. Assignments past capacity are dropped in priority
-  order: all first choices before any second choice, then by token order.
+  order: all first choices before any second choice, then by token order (or,
+  with ``Routing.priority``, by decreasing priority: batch-prioritized routing).
 
 Multi-pass routers (SMoE's strata) route a token several times in one layer: a
 pass may send a token on to a later pass (``Routing.next_pass``); the layer feeds
@@ -69,6 +70,10 @@ class Routing:
     # tokens of the routing entropy (a statistic the kernels compute on the way).
     block_counts: Optional[Tensor] = None
     entropy_sum: Optional[Tensor] = None
+    # Batch-prioritized routing (--moe-batch-prioritized-routing): [T] fp32, detached;
+    # within each slot, tokens claim capacity in decreasing priority (ties: token
+    # order) instead of token order. None = token order.
+    priority: Optional[Tensor] = None
 
     @property
     def token_count(self) -> Union[int, Tensor]:

@@ -146,11 +146,12 @@ class CosineRouter(TopKRouter):
         dropout_interval: int = 1,
         seed: int = 1,
         output_mixing: bool = False,
+        batch_prioritized: bool = False,
     ):
         super().__init__(
             embed_dim, num_experts, top_k, capacity_factor, eval_capacity_token_fraction,
             second_expert_policy, normalize_gates, jitter_eps, normalize_before_dropping,
-            eval_second_expert_policy, capacity_rule,
+            eval_second_expert_policy, capacity_rule, batch_prioritized,
         )
         if routing_dim < 1:
             raise ValueError(f"--moec-routing-dim must be >= 1, got {routing_dim}")
@@ -272,7 +273,7 @@ class CosineRouter(TopKRouter):
         return Routing(
             expert_index, gate, self.capacity(count_tokens(x, token_mask), n), losses,
             probs, normalize_after_drop=after_drop, mix_input=self.output_mixing,
-            token_mask=token_mask,
+            token_mask=token_mask, priority=self.priority_of(probs),
         )
 
     def _scores(self, cos: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ class TopKRouter(Router):
     (fairseq's rule: a token whose second choice is dropped keeps its first with
     weight 1) or, with ``normalize_before_dropping``, before it. Top-1 gates are
     the raw probability (Switch).
+
+    ``batch_prioritized`` (``--moe-batch-prioritized-routing``, V-MoE; fairseq's
+    top2gating): each token's priority for capacity is its highest router probability
+    (:meth:`priority_of`), for its first and its second choice alike.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class TopKRouter(Router):
         normalize_before_dropping: bool = False,
         eval_second_expert_policy: str = "all",
         capacity_rule: str = "joint",
+        batch_prioritized: bool = False,
     ):
         super().__init__()
         if top_k not in (1, 2):
@@ -80,6 +85,7 @@ class TopKRouter(Router):
         self.eval_second_expert_policy = eval_second_expert_policy
         self.capacity_rule = capacity_rule
         self.jitter_eps = jitter_eps
+        self.batch_prioritized = batch_prioritized
         self.wg = nn.Linear(embed_dim, num_experts, bias=False)
 
     def router_input(self, x: Tensor) -> Tensor:
@@ -117,14 +123,23 @@ class TopKRouter(Router):
         }
         capacity = self.capacity(count_tokens(x, token_mask), self.num_experts)
         return Routing(expert_index, gate, capacity, losses, probs,
-                       normalize_after_drop=after_drop, token_mask=token_mask)
+                       normalize_after_drop=after_drop, token_mask=token_mask,
+                       priority=self.priority_of(probs))
+
+    def priority_of(self, probs: Tensor) -> Optional[Tensor]:
+        """Batch-prioritized routing: each token's highest probability ``[T]``
+        (detached; fairseq's ``importance_scores``), or None (token order)."""
+        if not self.batch_prioritized:
+            return None
+        return probs.detach().max(dim=-1).values
 
     def fused_route(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Optional[Routing]:
         """:meth:`route` by the routing kernels (``kernels/route.py``): softmax, top-k,
         gates, both losses and the plan's block counts in three launches, their
-        backward in one. The ``random`` second-expert policy has no kernel (None)."""
+        backward in one. The ``random`` second-expert policy and batch-prioritized
+        routing (the plan kernel lays tokens out in their order) have no kernel (None)."""
         policy = self.second_expert_policy if self.training else self.eval_second_expert_policy
-        if self.top_k == 2 and policy == "random":
+        if (self.top_k == 2 and policy == "random") or self.batch_prioritized:
             return None
         from .. import kernels  # Triton only on this path
 
