@@ -46,8 +46,11 @@ $(STAMP): requirements.txt setup.py | $(PY)
 	$(PY) moe_fairseq/autoload.py install
 	touch $@
 
+# Two test processes by default (the CI machine's cores), test files kept whole per
+# process so module fixtures run once; TEST_JOBS=0 runs the suite in this process.
+TEST_JOBS ?= 2
 test: venv
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests $(PYTEST_ARGS)
 
 demo: venv
 	bash examples/bible/demo.sh

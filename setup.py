@@ -60,7 +60,7 @@ setup(
     # and without it the layer keeps its PyTorch path. The tests pin 3.9, whose
     # interpreter runs the kernels on CPU with numpy 2.4 (the GPU machine has 3.6, whose
     # interpreter needs numpy < 2.4).
-    extras_require={"test": ["pytest", 'triton==3.9.0; platform_system == "Linux" and '
+    extras_require={"test": ["pytest", "pytest-xdist", 'triton==3.9.0; platform_system == "Linux" and '
                                        'platform_machine == "x86_64"']},
     cmdclass={"build_py": build_py_with_autoload},
 )

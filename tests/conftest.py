@@ -308,6 +308,12 @@ def trained(data_bin, tmp_path_factory) -> TrainedRun:
 
 
 def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        # make test runs one pytest process per core: each computes on its share.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA device (skips with a reason without one; make gpu-check)")
 
