@@ -45,7 +45,7 @@ done
 
 step $((n + 1))/$total "evaluate ${methods[*]} (beam 4, CPU)"
 bash examples/bible/evaluate.sh "$data" "$dir/eval" "${models[@]}" \
-  -- --cpu --beam 4 --batch-size 64 --reuse --samples 3
+  -- --cpu --beam 4 --batch-size 64 --reuse --samples 3 --one-process
 printf '\nSample verses, every model (%s/eval/samples.md):\n\n' "$dir"
 tail -n +5 "$dir/eval/samples.md"
 printf '%s\n' "These are pipeline-check models (tiny, $updates updates on CPU): their BLEU is near 1 and the gaps between them are noise. The comparison at a size that translates: make quality (CPU, 100 minutes) or make gpu-compare (one GPU); README, Translation quality."
