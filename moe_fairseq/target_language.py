@@ -84,6 +84,17 @@ def sums_by_target_language(task, sample, values: Dict[str, Tensor]
     return out
 
 
+def ratios_by_target_language(counts: Dict[str, float], numerator: str, denominator: str
+                              ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """From summed per-language log keys ``<numerator><lang>`` / ``<denominator><lang>``
+    (e.g. written from :func:`sums_by_target_language`): ``({lang: ratio},
+    {lang: denominator})`` for the languages whose denominator is not 0, sorted."""
+    langs = sorted(k[len(denominator):] for k in counts
+                   if k.startswith(denominator) and counts[k])
+    return ({lang: counts[numerator + lang] / counts[denominator + lang] for lang in langs},
+            {lang: counts[denominator + lang] for lang in langs})
+
+
 def expert_language_counts(first_expert: Tensor, sentence_language: Tensor, num_experts: int,
                            num_languages: int) -> Optional[Tensor]:
     """``[E, L]`` int64 counts of (first-choice expert, sentence language) over the routed

@@ -147,6 +147,13 @@ class RoutingCounts:
             out[..., langs.index(name.split("-")[i])] += per_direction[..., d]
         return out
 
+    def ratio_by_language(self, numerator: Tensor, denominator: Tensor, side: str) -> dict:
+        """``{lang: sum numerator / sum denominator}`` over each language's directions
+        (``[D]`` per-direction values; languages with no denominator left out)."""
+        num, den = self.by_language(numerator, side), self.by_language(denominator, side)
+        return {lang: float(n) / int(d) for lang, n, d in
+                zip(self.languages(side), num.tolist(), den.tolist()) if d > 0}
+
     def summary(self) -> dict:
         """Every number of the report, JSON-ready (see the module docstring)."""
         return {"directions": self.directions,
@@ -221,10 +228,8 @@ def strata_summary(c: _LayerCounts, counts: RoutingCounts) -> dict:
                share_reaching=(c.pass_tokens.sum(1).double() / tokens.clamp_min(1)).tolist(),
                requested_capacity=float(c.passes.sum()) / max(int(tokens), 1))
     for side in ("target", "source"):
-        passes, toks = counts.by_language(c.passes, side), counts.by_language(c.tokens, side)
-        out[f"requested_capacity_by_{side}_language"] = {
-            lang: float(p) / int(t) for lang, p, t in
-            zip(counts.languages(side), passes.tolist(), toks.tolist()) if t > 0}
+        out[f"requested_capacity_by_{side}_language"] = counts.ratio_by_language(
+            c.passes, c.tokens, side)
     return out
 
 
@@ -233,10 +238,8 @@ def cmr_gate_summary(c: _LayerCounts, counts: RoutingCounts) -> dict:
     tokens, overall and per target / source language."""
     out = dict(gate_share=float(c.cmr_gate.sum()) / max(int(c.cmr_tokens.sum()), 1))
     for side in ("target", "source"):
-        gate, toks = counts.by_language(c.cmr_gate, side), counts.by_language(c.cmr_tokens, side)
-        out[f"gate_share_by_{side}_language"] = {
-            lang: float(g) / int(t) for lang, g, t in
-            zip(counts.languages(side), gate.tolist(), toks.tolist()) if t > 0}
+        out[f"gate_share_by_{side}_language"] = counts.ratio_by_language(
+            c.cmr_gate, c.cmr_tokens, side)
     return out
 
 

@@ -14,7 +14,7 @@ the batch carries target-language tokens, ``cmr_gate_<lang>`` / ``cmr_tokens_<la
 
 from typing import Dict, List, Optional
 
-from ..target_language import sums_by_target_language
+from ..target_language import ratios_by_target_language, sums_by_target_language
 
 _LANG_GATE = "cmr_gate_"
 _LANG_TOKENS = "cmr_tokens_"
@@ -50,15 +50,9 @@ def cmr_summary(counts: Dict[str, float]) -> Optional[dict]:
     tokens = counts.get("cmr_tokens", 0)
     if not tokens:
         return None
-    langs = sorted(k[len(_LANG_TOKENS):] for k in counts
-                   if k.startswith(_LANG_TOKENS) and counts[k])
-    return {
-        "gate_share": counts["cmr_gate"] / tokens,
-        "tokens": tokens,
-        "by_target_language": {lang: counts[_LANG_GATE + lang] / counts[_LANG_TOKENS + lang]
-                               for lang in langs},
-        "language_tokens": {lang: counts[_LANG_TOKENS + lang] for lang in langs},
-    }
+    by_lang, lang_tokens = ratios_by_target_language(counts, _LANG_GATE, _LANG_TOKENS)
+    return {"gate_share": counts["cmr_gate"] / tokens, "tokens": tokens,
+            "by_target_language": by_lang, "language_tokens": lang_tokens}
 
 
 def is_cmr_count_key(key: str) -> bool:

@@ -14,7 +14,7 @@ batch carries target-language tokens, ``smoe_passes_<lang>`` / ``smoe_tokens_<la
 import re
 from typing import Dict, List, Optional
 
-from ..target_language import sums_by_target_language
+from ..target_language import ratios_by_target_language, sums_by_target_language
 
 _STRATUM_KEY = re.compile(r"smoe_s(\d+)_tokens$")
 _LANG_TOKENS = "smoe_tokens_"
@@ -53,16 +53,13 @@ def capacity_summary(counts: Dict[str, float]) -> Optional[dict]:
     if not tokens:
         return None
     strata = sorted(int(m.group(1)) for k in counts for m in [_STRATUM_KEY.match(k)] if m)
-    langs = sorted(k[len(_LANG_TOKENS):] for k in counts
-                   if k.startswith(_LANG_TOKENS) and counts[k])
+    by_lang, lang_tokens = ratios_by_target_language(counts, _LANG_PASSES, _LANG_TOKENS)
     return {
         "requested_capacity": counts["smoe_passes"] / tokens,
         "tokens": tokens,
         "stratum_share": [counts[f"smoe_s{i}_tokens"] / tokens for i in strata],
-        "by_target_language": {
-            lang: counts[_LANG_PASSES + lang] / counts[_LANG_TOKENS + lang] for lang in langs
-        },
-        "language_tokens": {lang: counts[_LANG_TOKENS + lang] for lang in langs},
+        "by_target_language": by_lang,
+        "language_tokens": lang_tokens,
     }
 
 
