@@ -6,6 +6,7 @@ import random
 import re
 import sqlite3
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,55 @@ def test_sentencepiece_roundtrip_and_dictionary(built):
     assert len(entries) == sp.get_piece_size() - 3  # no <unk> <s> </s>
     assert all(count.isdigit() for _, count in entries)
     assert "<unk>" not in {p for p, _ in entries}
+
+
+def test_alphabet_chars_keeps_alphabets_and_leaves_ideographs_to_coverage():
+    text = ["Хлеб, Щит и Эхо: 12 (Ü)", "天地\u3002 한국어 ひらがな", "tab\there\u200e\x81 \u2581"]
+    kept = P.alphabet_chars(text)
+    for ch in "ХЩЭхлеб,:12()Üひらがな\u3002":
+        assert ch in kept, ch
+    for ch in "天地한국어 \t\u200e\x81\u2581":
+        assert ch not in kept, repr(ch)
+    assert list(kept) == sorted(set(kept))
+
+
+def _vocab_chars(out):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    return {sp.id_to_piece(i) for i in range(sp.get_piece_size())
+            if not (sp.is_unknown(i) or sp.is_control(i))}
+
+
+def _train_chars(out):
+    text = "".join(Path(f).read_text(encoding="utf-8") for f in (out / "raw").glob("train.*")
+                   if not f.name.endswith(".ids"))
+    return Counter(text)
+
+
+def test_every_alphabet_character_is_in_the_vocabulary(built, tmp_path):
+    """The default build keeps every character of the training text's alphabets as a
+    piece however rare; --required-chars none (coverage alone) drops some of them."""
+    out = built["out"]
+    pieces = _vocab_chars(out)
+    counts = _train_chars(out)
+    alphabet = P.alphabet_chars(list(counts))
+    assert alphabet and set(alphabet) <= pieces
+    assert json.loads((out / "manifest.json").read_text())["spm"]["required_chars"] == len(alphabet)
+    rare = [ch for ch in alphabet if counts[ch] <= 3]
+    assert rare, "the fixture has rare characters"
+    old = tmp_path / "coverage-only"
+    m = P.run(prep_args(built["db"], old, "--required-chars", "none"), progress=False)
+    assert m["settings"]["required_chars"] == "none" and m["spm"]["required_chars"] == 0
+    dropped = set(alphabet) - _vocab_chars(old)
+    assert dropped and dropped <= set(rare)  # coverage drops the rarest ones
+
+
+def test_vocabulary_smaller_than_the_alphabet_is_one_clear_error(built, tmp_path, capsys):
+    argv = prep_args(built["db"], tmp_path / "o")
+    argv[argv.index("--vocab-size") + 1] = "20"
+    err = _error(argv, capsys)
+    assert "--vocab-size 20 is too small" in err and "--required-chars none" in err
 
 
 def test_up_to_date_then_force_rebuild_is_identical(built, capsys):
