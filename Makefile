@@ -10,7 +10,7 @@
 #   make quality    the same comparison on 2 CPU cores within 100 minutes, at a size that
 #                   translates (run it alone; QUALITY_ARGS="--plan" prints the time budget)
 #   make quality-nllb  MoE vs MoE+EOM vs MoE+CMR (NLLB-MoE's regularizers) the same way, with
-#                   ru low- and sw, tl very-low-resource (100 minutes; QUALITY_ARGS passes flags)
+#                   ru low- and sw, tl very-low-resource (105 minutes; QUALITY_ARGS passes flags)
 #   make specialization  the FashionMNIST expert-specialization study (arXiv 2302.14703), 3 seeds,
 #                   ~35 min on 2 cores (SPEC_ARGS="--seeds 5 --dataset mnist ..." passes flags)
 #   make clean      remove build artefacts (keeps .venv)
@@ -83,7 +83,7 @@ quality: venv
 # NLLB-MoE's claim: EOM and CMR help the low-resource directions. m4's languages with
 # ru cut to 8,000 and sw, tl to 2,000 training verses (prepare_bible.py's levels);
 # 30 minutes of training each, gaps taken against moe.
-NLLB_QUALITY_ARGS := --methods "moe moe+eom moe+cmr" --budget-seconds 1800 \
+NLLB_QUALITY_ARGS := --methods "moe moe+eom moe+cmr" --budget-seconds 1800 --limit-seconds 6300 \
 	--data runs/quality-nllb/data --out runs/quality-nllb \
 	"--prepare-args=--langs de,ru:low,sw:very_low,tl:very_low --vocab-size 8000"
 quality-nllb: venv

@@ -78,7 +78,7 @@ def default_budget(size: str) -> float:
 # directions (beam 4, hypotheses capped at 2 x source + 10).
 COSTS = {
     "cuda": {"startup": 24.0, "load": 12.0, "lines_per_second": 100.0, "score": 20.0},
-    "cpu": {"startup": 10.0, "load": 4.0, "lines_per_second": 12.0, "score": 20.0},  # see COST_NOTES
+    "cpu": {"startup": 10.0, "load": 4.0, "lines_per_second": 8.0, "score": 20.0},  # see COST_NOTES
 }
 # make quality (scripts/quality.py): the CPU comparison's settings, chosen by measurement
 # on this 2-core machine (README, Translation quality: 20-minute trials of the small dense
@@ -94,8 +94,11 @@ QUALITY_ARGS = [
 COST_NOTES = ("start-up from the H100 run of 2026-11-26 (81-84 s wall for 60 s of training); "
               "GPU decoding rate assumed (beam 4, batch 256, capped lengths), checked by the "
               "run's own decode timing in compare.json; CPU values measured here on 2 cores "
-              "(2026-12-05, small dense after 900 updates: 8 s start-up and save, 2,400 test "
-              "lines in 184 s with two jobs, i.e. 13 lines/s)")
+              "(2026-12-05: 8 s start-up and save; decoding 2,400 test lines per model, one "
+              "job per core: 184 s for a small dense model after 900 updates, 281 s for "
+              "make quality's dense and MoE side by side, 611 s for make quality-nllb's three "
+              "early MoE models two at once (221-330 s each: their repetitive hypotheses run "
+              "to the length cap); planned at 8 lines/s per job)")
 
 
 class CompareError(RuntimeError):
@@ -377,15 +380,17 @@ def plan_budget(args, manifest: Optional[dict], cuda: bool) -> dict:
     directions, lines = test_lines(manifest, args.max_test_verses,
                                    getattr(args, "directions", None))
     per_model = costs["load"] + lines / costs["lines_per_second"]
-    # CPU: single-threaded jobs side by side, one per core at most; one GPU: no overlap
-    # assumed.
+    # CPU: single-threaded jobs side by side, one per core at most, in rounds (a job
+    # left alone does not go faster); one GPU: no overlap assumed.
     parallel = 1 if cuda else max(1, min(args.eval_jobs or os.cpu_count() or 1, os.cpu_count() or 1,
                                          len(args.methods)))
-    rows.append(("decode", per_model * len(args.methods) / parallel,
+    rounds = math.ceil(len(args.methods) / parallel)
+    rows.append(("decode", per_model * rounds,
                  f"{len(args.methods)} x ({costs['load']:g} s load + {lines} lines over "
                  f"{directions} direction{'s' if directions != 1 else ''} at "
                  f"{costs['lines_per_second']:g} lines/s)"
-                 + (f", {parallel} jobs at once" if parallel > 1 else "")))
+                 + (f", {parallel} jobs at once" if parallel > 1 else "")
+                 + (f": {rounds} rounds" if rounds > 1 and parallel > 1 else "")))
     rows.append(("score", costs["score"], "BLEU/chrF, paired bootstrap, samples, figures"))
     total = sum(r[1] for r in rows)
     limit = args.limit_seconds
