@@ -66,28 +66,29 @@ def target_language_index(task, sample) -> Optional[Tuple[Tensor, List[str]]]:
 
 
 def sums_by_target_language(task, sample, values: Dict[str, Tensor]
-                            ) -> Optional[Dict[str, Dict[str, Union[int, float]]]]:
-    """``{lang: {name: sum}}``: each ``values[name]`` (``[B]``, one value per sentence of
-    the batch) summed over the sentences translated into ``lang`` (ints stay ints). None
-    when the batch carries no target-language token or a value is not ``[B]``-shaped."""
+                            ) -> Dict[str, Union[int, float]]:
+    """Log keys ``<prefix><lang>``: each ``values[prefix]`` (``[B]``, one value per
+    sentence of the batch) summed over the sentences translated into ``lang`` (integer
+    tensors give ints), the keys :func:`ratios_by_target_language` reads. Empty when the
+    batch carries no target-language token or a value is not ``[B]``-shaped."""
     found = target_language_index(task, sample)
     if found is None:
-        return None
+        return {}
     index, names = found
     if any(v.numel() != index.numel() for v in values.values()):
-        return None
+        return {}
     out = {}
     for i in index.unique().tolist():
         if i >= 0:
-            out[names[i]] = {name: v[(index == i).to(v.device)].sum().item()
-                             for name, v in values.items()}
+            for prefix, v in values.items():
+                out[prefix + names[i]] = v[(index == i).to(v.device)].sum().item()
     return out
 
 
 def ratios_by_target_language(counts: Dict[str, float], numerator: str, denominator: str
                               ) -> Tuple[Dict[str, float], Dict[str, float]]:
     """From summed per-language log keys ``<numerator><lang>`` / ``<denominator><lang>``
-    (e.g. written from :func:`sums_by_target_language`): ``({lang: ratio},
+    (as :func:`sums_by_target_language` writes them): ``({lang: ratio},
     {lang: denominator})`` for the languages whose denominator is not 0, sorted."""
     langs = sorted(k[len(denominator):] for k in counts
                    if k.startswith(denominator) and counts[k])

@@ -35,12 +35,10 @@ def cmr_counts(stats: List, task=None, sample=None) -> Dict[str, float]:
            "cmr_tokens": sum(int(s.cmr_tokens) for s in layers)}
     if task is None:
         return out
-    by_lang = sums_by_target_language(task, sample, {
-        "gate": sum(s.sentence_cmr_gate for s in layers),
-        "tokens": sum(s.sentence_cmr_tokens for s in layers)})
-    for lang, sums in (by_lang or {}).items():
-        out[_LANG_GATE + lang] = float(sums["gate"])
-        out[_LANG_TOKENS + lang] = int(sums["tokens"])
+    # Token counts as ints (the gate's dtype holds them exactly).
+    out.update(sums_by_target_language(task, sample, {
+        _LANG_GATE: sum(s.sentence_cmr_gate for s in layers),
+        _LANG_TOKENS: sum(s.sentence_cmr_tokens for s in layers).long()}))
     return out
 
 

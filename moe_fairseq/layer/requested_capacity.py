@@ -36,12 +36,9 @@ def capacity_counts(stats: List, task=None, sample=None) -> Dict[str, int]:
             out[f"smoe_s{i}_tokens"] = out.get(f"smoe_s{i}_tokens", 0) + n
     if task is None or any(s.sentence_passes is None for s in layers):
         return out
-    by_lang = sums_by_target_language(task, sample, {
-        "passes": sum(s.sentence_passes for s in layers),
-        "tokens": sum(s.sentence_tokens for s in layers)})
-    for lang, sums in (by_lang or {}).items():
-        out[_LANG_PASSES + lang] = int(sums["passes"])
-        out[_LANG_TOKENS + lang] = int(sums["tokens"])
+    out.update(sums_by_target_language(task, sample, {
+        _LANG_PASSES: sum(s.sentence_passes for s in layers),
+        _LANG_TOKENS: sum(s.sentence_tokens for s in layers)}))
     return out
 
 
