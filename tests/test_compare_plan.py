@@ -154,3 +154,29 @@ def test_make_quality_nllb_plans_moe_eom_cmr_with_low_resource_directions(tmp_pa
     assert not out.exists() and not data.exists()
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert "make quality-nllb" in readme
+
+
+def test_longer_quality_nllb_command_in_the_readme_plans_what_it_says(tmp_path):
+    """The README's longer NLLB comparison, as written there, planned with --plan: every
+    method trains for its budget and the total is the hours the README states."""
+    import re
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r'^make quality-nllb QUALITY_ARGS="([^"]+)" +# a ([0-9.]+)-hour plan$',
+                      readme, re.M)
+    assert match, "the README's longer make quality-nllb command"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "quality-nllb",
+                           f"QUALITY_ARGS={match.group(1)} --plan"], cwd=str(REPO_ROOT),
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    line = [l for l in proc.stdout.splitlines() if "scripts/quality.py" in l][-1]
+    argv = shlex.split(line.split("scripts/quality.py", 1)[1])
+    proc = run_script("quality.py", *argv, "--data", tmp_path / "data", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = plan_rows(proc.stdout)
+    budget = float(re.search(r"--budget-seconds (\d+)", match.group(1)).group(1))
+    assert rows["train moe"] == rows["train moe+eom"] == rows["train moe+cmr"] > budget
+    assert round(rows["total"] / 3600, 1) == float(match.group(2))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
